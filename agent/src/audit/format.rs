@@ -1,0 +1,152 @@
+//! One-line rendering of records for `mcptrail tail`.
+#![forbid(unsafe_code)]
+
+use super::reader::StoredRecord;
+use super::record::{Event, Status};
+
+/// `#SEQ TIME KIND details`, with the time cut to milliseconds for reading.
+pub fn line(r: &StoredRecord) -> String {
+    let rec = &r.record;
+    let time = short_time(rec.event.time());
+    let details = match &rec.event {
+        Event::Connection(c) => {
+            let p = &c.process;
+            let exe = p.exe.as_deref().unwrap_or("?");
+            let outcome = match (&c.outcome.status, &c.outcome.detail) {
+                (Status::Closed, _) => "closed".to_owned(),
+                (s, Some(d)) => format!("{}: {d}", status_word(*s)),
+                (s, None) => status_word(*s).to_owned(),
+            };
+            format!(
+                "{comm}[{pid}] uid={uid} {exe} -> {dst} req={req} resp={resp} {ms}ms {outcome}",
+                comm = p.comm,
+                pid = p.pid,
+                uid = p.uid,
+                dst = c.connection.original_dst,
+                req = human_bytes(c.bytes.req),
+                resp = human_bytes(c.bytes.resp),
+                ms = c.timing.duration_us / 1000,
+            )
+        }
+        Event::Refused(e) => format!("{} -> {}: {}", e.client, e.proxy, e.reason),
+        Event::AgentStart(e) => format!(
+            "mcptrail {} pid={} listen={} targets={} cgroup={} policy={}",
+            e.version,
+            e.pid,
+            e.listen,
+            e.targets.join(","),
+            e.cgroup,
+            e.policy.name
+        ),
+        Event::AgentStop(e) => format!("reason={}", e.reason),
+    };
+    format!("#{} {} {} {}", rec.seq, time, rec.event.kind(), details)
+}
+
+fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Closed => "closed",
+        Status::UpstreamConnectFailed => "upstream_connect_failed",
+        Status::RelayError => "relay_error",
+        Status::AgentShutdown => "agent_shutdown",
+    }
+}
+
+/// `2026-11-26T10:00:00.123456789Z` becomes `2026-11-26T10:00:00.123Z`.
+fn short_time(t: &str) -> String {
+    match (t.find('.'), t.strip_suffix('Z')) {
+        (Some(dot), Some(_)) if t.len() >= dot + 4 => format!("{}Z", &t[..dot + 4]),
+        _ => t.to_owned(),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1}{}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::GENESIS;
+    use crate::audit::record::*;
+
+    fn stored(event: Event) -> StoredRecord {
+        StoredRecord {
+            record: Record {
+                v: 1,
+                seq: 42,
+                host: "h".into(),
+                prev_hash: hex::encode(GENESIS),
+                event,
+            },
+            hash: GENESIS,
+        }
+    }
+
+    #[test]
+    fn connection_line_names_the_process_and_destination() {
+        let line = line(&stored(Event::Connection(ConnectionEvent {
+            time: "2026-11-26T10:00:00.123456789Z".into(),
+            process: Process {
+                pid: 1234,
+                tid: 1234,
+                comm: "curl".into(),
+                exe: Some("/usr/bin/curl".into()),
+                ..Default::default()
+            },
+            connection: Connection {
+                client: "127.0.0.1:40000".into(),
+                original_dst: "10.0.0.5:8811".into(),
+                proxy: "127.0.0.1:15811".into(),
+            },
+            timing: Timing {
+                start: String::new(),
+                end: String::new(),
+                duration_us: 12_500,
+            },
+            bytes: Bytes {
+                req: 78,
+                resp: 2048,
+            },
+            outcome: Outcome {
+                status: Status::Closed,
+                detail: None,
+            },
+        })));
+        assert_eq!(
+            line,
+            "#42 2026-11-26T10:00:00.123Z connection curl[1234] uid=0 /usr/bin/curl -> 10.0.0.5:8811 req=78B resp=2.0KiB 12ms closed"
+        );
+    }
+
+    #[test]
+    fn failures_show_their_detail() {
+        let line = line(&stored(Event::Refused(RefusedEvent {
+            time: "2026-11-26T10:00:00Z".into(),
+            client: "127.0.0.1:1".into(),
+            proxy: "127.0.0.1:2".into(),
+            reason: "no redirect origin".into(),
+        })));
+        assert_eq!(
+            line,
+            "#42 2026-11-26T10:00:00Z refused 127.0.0.1:1 -> 127.0.0.1:2: no redirect origin"
+        );
+    }
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(0), "0B");
+        assert_eq!(human_bytes(1536), "1.5KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0MiB");
+    }
+}

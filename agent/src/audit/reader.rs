@@ -1,0 +1,158 @@
+//! Read-only access to the trail while the agent writes it.
+//!
+//! A reader opens the store as a RocksDB secondary instance: it never takes the primary's lock
+//! and never blocks its writes, and `catch_up` replays what the primary wrote since.
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+
+use rocksdb::{DB, Direction, IteratorMode, Options};
+
+use super::chain::Hash;
+use super::record::Record;
+use super::{AuditError, CF_CHAIN, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
+
+/// A record as stored, with its chain hash.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub record: Record,
+    pub hash: Hash,
+}
+
+impl StoredRecord {
+    /// The record as one JSON object, with its `hash` added.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.record).expect("records always serialise");
+        v["hash"] = serde_json::Value::String(hex::encode(self.hash));
+        v
+    }
+}
+
+pub struct Reader {
+    db: DB,
+    // The secondary keeps its own info log here; it lives as long as the reader.
+    _scratch: tempfile::TempDir,
+}
+
+impl Reader {
+    pub fn open(state_dir: &Path) -> Result<Self, AuditError> {
+        let path = state_dir.join(TRAIL_DIR);
+        if !path.join("CURRENT").exists() {
+            return Err(AuditError::NoTrail(path));
+        }
+        let scratch = tempfile::Builder::new()
+            .prefix("mcptrail-reader-")
+            .tempdir()
+            .map_err(|source| AuditError::StateDir {
+                what: "make a scratch folder for reading",
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let mut opts = Options::default();
+        // Secondaries must keep every table file open to follow the primary's compactions.
+        opts.set_max_open_files(-1);
+        let db = DB::open_cf_as_secondary(
+            &opts,
+            path.as_path(),
+            scratch.path(),
+            [CF_RECORDS, CF_CHAIN],
+        )
+        .map_err(|source| AuditError::Open { path, source })?;
+        Ok(Reader {
+            db,
+            _scratch: scratch,
+        })
+    }
+
+    /// Picks up what the agent wrote since the last call.
+    pub fn catch_up(&self) -> Result<(), AuditError> {
+        self.db
+            .try_catch_up_with_primary()
+            .map_err(AuditError::Read)
+    }
+
+    /// Sequence number of the newest record, if any.
+    pub fn last_seq(&self) -> Result<Option<u64>, AuditError> {
+        let cf = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
+        match self.db.iterator_cf(&cf, IteratorMode::End).next() {
+            None => Ok(None),
+            Some(Err(e)) => Err(AuditError::Read(e)),
+            Some(Ok((k, _))) => Ok(key_seq(&k)),
+        }
+    }
+
+    /// Up to `limit` records with sequence numbers from `from` on, in order.
+    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<StoredRecord>, AuditError> {
+        let records = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let chain = self.db.cf_handle(CF_CHAIN).expect("chain CF opened");
+        let start = seq_key(from);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(&records, IteratorMode::From(&start, Direction::Forward))
+            .take(limit)
+        {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            let seq = key_seq(&key).ok_or(AuditError::BadChain(0))?;
+            let record: Record = serde_json::from_slice(&value)
+                .map_err(|source| AuditError::Corrupt { seq, source })?;
+            let hash = self
+                .db
+                .get_cf(&chain, &key)
+                .map_err(AuditError::Read)?
+                .and_then(|h| Hash::try_from(&h[..]).ok())
+                .ok_or(AuditError::BadChain(seq))?;
+            out.push(StoredRecord { record, hash });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain;
+    use crate::audit::record::{AgentStop, Event, now_rfc3339};
+    use crate::audit::store::Store;
+
+    fn stop(reason: &str) -> Event {
+        Event::AgentStop(AgentStop {
+            time: now_rfc3339(),
+            reason: reason.into(),
+            counters: Default::default(),
+        })
+    }
+
+    #[test]
+    fn missing_trail_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Reader::open(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("mcptrail run"), "{err}");
+    }
+
+    #[test]
+    fn follows_the_writer_and_sees_a_valid_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.append_group(&[stop("one")]).unwrap();
+        let reader = Reader::open(dir.path()).unwrap();
+        assert_eq!(reader.last_seq().unwrap(), Some(1));
+
+        store.append_group(&[stop("two"), stop("three")]).unwrap();
+        assert_eq!(reader.last_seq().unwrap(), Some(1), "not caught up yet");
+        reader.catch_up().unwrap();
+        assert_eq!(reader.last_seq().unwrap(), Some(3));
+
+        let all = reader.read_from(1, 10).unwrap();
+        assert_eq!(all.len(), 3);
+        let mut prev = chain::GENESIS;
+        for r in &all {
+            assert_eq!(r.record.prev_hash, hex::encode(prev));
+            let stored = serde_json::to_vec(&r.record).unwrap();
+            assert_eq!(chain::link(&prev, r.record.seq, &stored), r.hash);
+            prev = r.hash;
+        }
+        assert_eq!(reader.read_from(3, 10).unwrap().len(), 1);
+        assert_eq!(all[2].to_json()["hash"], hex::encode(all[2].hash));
+    }
+}

@@ -1,0 +1,226 @@
+//! The record schema (version 1), stored as JSON.
+//!
+//! A stored record is an [`Event`] sealed by the writer with its sequence number, the host and
+//! the previous record's hash. New fields are added as optional so that older records stay
+//! readable; a change that cannot be made that way bumps [`SCHEMA_VERSION`].
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Schema version.
+    pub v: u32,
+    pub seq: u64,
+    pub host: String,
+    /// Hex SHA-256 of the previous record's chain link (all zeros for the first).
+    pub prev_hash: String,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What happened. `kind` in the JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// A redirected connection, written when it closes.
+    Connection(ConnectionEvent),
+    /// A connection to the proxy that did not come through the redirect: refused.
+    Refused(RefusedEvent),
+    AgentStart(AgentStart),
+    AgentStop(AgentStop),
+}
+
+impl Event {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Connection(_) => "connection",
+            Event::Refused(_) => "refused",
+            Event::AgentStart(_) => "agent_start",
+            Event::AgentStop(_) => "agent_stop",
+        }
+    }
+
+    /// RFC 3339 time (UTC, nanoseconds) of the event.
+    pub fn time(&self) -> &str {
+        match self {
+            Event::Connection(e) => &e.time,
+            Event::Refused(e) => &e.time,
+            Event::AgentStart(e) => &e.time,
+            Event::AgentStop(e) => &e.time,
+        }
+    }
+}
+
+/// The calling process, as the kernel saw it at connect() and as /proc told afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Process {
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread that called connect().
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Command name captured by the kernel at connect().
+    pub comm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<Vec<String>>,
+    /// True when the command line was longer than the capture bound and was cut.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cmdline_truncated: bool,
+    /// cgroup v2 id of the caller (inode number of its cgroup folder).
+    pub cgroup_id: u64,
+    /// Why /proc enrichment missed, when it did (for example the process had already exited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrichment_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Connection {
+    /// The client's address as the proxy saw it.
+    pub client: String,
+    /// Where the client meant to go (the gateway).
+    pub original_dst: String,
+    /// The proxy listener that took the connection.
+    pub proxy: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Both sides finished normally.
+    Closed,
+    /// The original destination could not be reached; the client was disconnected.
+    UpstreamConnectFailed,
+    /// An I/O error cut the relay.
+    RelayError,
+    /// The agent stopped while the connection was open.
+    AgentShutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bytes {
+    /// Client to gateway.
+    pub req: u64,
+    /// Gateway to client.
+    pub resp: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// When the proxy accepted the connection (RFC 3339).
+    pub start: String,
+    /// When it closed.
+    pub end: String,
+    pub duration_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionEvent {
+    pub time: String,
+    pub process: Process,
+    pub connection: Connection,
+    pub timing: Timing,
+    pub bytes: Bytes,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusedEvent {
+    pub time: String,
+    pub client: String,
+    pub proxy: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRef {
+    pub name: String,
+    /// `embedded` or the file's path.
+    pub source: String,
+    /// Hex SHA-256 of the policy file's bytes.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStart {
+    pub time: String,
+    pub version: String,
+    pub pid: u32,
+    pub targets: Vec<String>,
+    pub listen: String,
+    pub cgroup: String,
+    pub policy: PolicyRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStop {
+    pub time: String,
+    pub reason: String,
+    /// Kernel counters at shutdown, by name.
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+/// Now, as the record's RFC 3339 UTC time with nanoseconds.
+pub fn now_rfc3339() -> String {
+    rfc3339(chrono::Utc::now())
+}
+
+pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            v: SCHEMA_VERSION,
+            seq: 7,
+            host: "runner-1".into(),
+            prev_hash: "00".repeat(32),
+            event: Event::Refused(RefusedEvent {
+                time: "2026-11-26T10:00:00.000000001Z".into(),
+                client: "127.0.0.1:40000".into(),
+                proxy: "127.0.0.1:15811".into(),
+                reason: "no redirect origin".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn kind_is_a_flat_tag() {
+        let v: serde_json::Value = serde_json::to_value(sample()).unwrap();
+        assert_eq!(v["kind"], "refused");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(v["client"], "127.0.0.1:40000");
+    }
+
+    #[test]
+    fn round_trips() {
+        let r = sample();
+        let bytes = serde_json::to_vec(&r).unwrap();
+        assert_eq!(serde_json::from_slice::<Record>(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn optional_process_fields_may_be_absent() {
+        let json = r#"{"pid":1,"tid":1,"uid":0,"gid":0,"comm":"x","cgroup_id":9}"#;
+        let p: Process = serde_json::from_str(json).unwrap();
+        assert_eq!(p.exe, None);
+        assert!(!p.cmdline_truncated);
+    }
+}

@@ -1,0 +1,280 @@
+//! The primary store and its single writer.
+//!
+//! All appends go through one thread that owns the chain head. It takes every record waiting
+//! in its queue, seals them (sequence number, previous hash), and writes them in one
+//! RocksDB batch with a synced WAL: one fsync covers a whole group of concurrent writers, and
+//! a caller is told its sequence number only once its record is durable.
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::chain::{self, GENESIS, Hash};
+use super::record::{Event, Record, SCHEMA_VERSION};
+use super::{AuditError, CF_CHAIN, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
+
+/// Most records sealed into one batch; bounds the latency one fsync adds to the first writer.
+const MAX_GROUP: usize = 1024;
+/// Queue depth before `append` waits: back-pressure instead of unbounded memory.
+const QUEUE_DEPTH: usize = 8192;
+
+/// The last record in the trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: Hash,
+}
+
+impl Head {
+    const EMPTY: Head = Head {
+        seq: 0,
+        hash: GENESIS,
+    };
+}
+
+/// The RocksDB trail, opened read-write by the agent.
+pub struct Store {
+    db: DB,
+    head: Head,
+    host: String,
+}
+
+/// Makes the state directory (0700, root only) and returns the trail's folder in it.
+pub fn prepare_state_dir(state_dir: &Path) -> Result<PathBuf, AuditError> {
+    let err = |what, source| AuditError::StateDir {
+        what,
+        path: state_dir.to_path_buf(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(|e| err("create", e))?;
+    // The folder may predate us with looser bits; the trail and keys are root-only.
+    fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| err("restrict", e))?;
+    Ok(state_dir.join(TRAIL_DIR))
+}
+
+fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts
+}
+
+fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+    let mut records = Options::default();
+    records.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    vec![
+        ColumnFamilyDescriptor::new(CF_RECORDS, records),
+        ColumnFamilyDescriptor::new(CF_CHAIN, Options::default()),
+    ]
+}
+
+impl Store {
+    /// Opens (creating if needed) the trail under `state_dir`, and finds the chain head.
+    pub fn open(state_dir: &Path) -> Result<Self, AuditError> {
+        let path = prepare_state_dir(state_dir)?;
+        let db = DB::open_cf_descriptors(&db_options(), &path, cf_descriptors())
+            .map_err(|source| AuditError::Open { path, source })?;
+        let head = read_head(&db)?;
+        Ok(Store {
+            db,
+            head,
+            host: hostname(),
+        })
+    }
+
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    /// Seals and durably writes a group of events; returns their sequence numbers.
+    pub fn append_group(&mut self, events: &[Event]) -> Result<Vec<u64>, AuditError> {
+        let records = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let chain_cf = self.db.cf_handle(CF_CHAIN).expect("chain CF opened");
+        let mut batch = WriteBatch::default();
+        let mut head = self.head;
+        let mut seqs = Vec::with_capacity(events.len());
+        for event in events {
+            let seq = head.seq + 1;
+            let record = Record {
+                v: SCHEMA_VERSION,
+                seq,
+                host: self.host.clone(),
+                prev_hash: hex::encode(head.hash),
+                event: event.clone(),
+            };
+            let bytes = serde_json::to_vec(&record).expect("records always serialise");
+            let hash = chain::link(&head.hash, seq, &bytes);
+            batch.put_cf(&records, seq_key(seq), &bytes);
+            batch.put_cf(&chain_cf, seq_key(seq), hash);
+            head = Head { seq, hash };
+            seqs.push(seq);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(AuditError::Write)?;
+        // Only advance once durable: a failed batch leaves no gap in the chain.
+        self.head = head;
+        Ok(seqs)
+    }
+
+    /// Starts the writer thread and hands back the handle that producers clone.
+    pub fn spawn_writer(self) -> (AuditLog, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let handle = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer_loop(self, rx))
+            .expect("spawning the audit writer thread");
+        (AuditLog { tx: Arc::new(tx) }, handle)
+    }
+}
+
+fn read_head(db: &DB) -> Result<Head, AuditError> {
+    let chain_cf = db.cf_handle(CF_CHAIN).expect("chain CF opened");
+    let mut it = db.iterator_cf(&chain_cf, IteratorMode::End);
+    match it.next() {
+        None => Ok(Head::EMPTY),
+        Some(Err(e)) => Err(AuditError::Read(e)),
+        Some(Ok((key, value))) => {
+            let seq = key_seq(&key).ok_or(AuditError::BadChain(0))?;
+            let hash: Hash = value[..]
+                .try_into()
+                .map_err(|_| AuditError::BadChain(seq))?;
+            Ok(Head { seq, hash })
+        }
+    }
+}
+
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+struct Pending {
+    event: Event,
+    done: oneshot::Sender<Result<u64, String>>,
+}
+
+fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Pending>) {
+    let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(p) => group.push(p),
+                Err(_) => break,
+            }
+        }
+        let events: Vec<Event> = group.iter().map(|p| p.event.clone()).collect();
+        match store.append_group(&events) {
+            Ok(seqs) => {
+                for (p, seq) in group.drain(..).zip(seqs) {
+                    let _ = p.done.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = group.len(), "audit write failed");
+                let msg = e.to_string();
+                for p in group.drain(..) {
+                    let _ = p.done.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+    // Flushing on the way out keeps the next open fast; the WAL already made it durable.
+    if let Err(e) = store.db.flush_wal(true) {
+        tracing::warn!(error = %e, "flushing the audit WAL at shutdown failed");
+    }
+}
+
+/// A cheap, cloneable handle for appending to the trail from async code.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: Arc<mpsc::Sender<Pending>>,
+}
+
+impl AuditLog {
+    /// Appends one event and waits until it is durable; returns its sequence number.
+    pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Pending { event, done })
+            .await
+            .map_err(|_| AuditError::WriterGone)?;
+        match wait.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(msg)) => Err(AuditError::Rejected(msg)),
+            Err(_) => Err(AuditError::WriterGone),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::{AgentStop, now_rfc3339};
+    use std::os::unix::fs::MetadataExt;
+
+    fn stop(reason: &str) -> Event {
+        Event::AgentStop(AgentStop {
+            time: now_rfc3339(),
+            reason: reason.into(),
+            counters: Default::default(),
+        })
+    }
+
+    #[test]
+    fn appends_chain_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.head(), Head::EMPTY);
+        assert_eq!(store.append_group(&[stop("a"), stop("b")]).unwrap(), [1, 2]);
+        let head = store.head();
+        drop(store);
+
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.head(), head, "head is recovered from the chain");
+        assert_eq!(store.append_group(&[stop("c")]).unwrap(), [3]);
+    }
+
+    #[test]
+    fn state_dir_is_root_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        let _store = Store::open(&state).unwrap();
+        assert_eq!(fs::metadata(&state).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_get_distinct_consecutive_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, writer) = Store::open(dir.path()).unwrap().spawn_writer();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.append(stop(&i.to_string())).await
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap().unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+        drop(log);
+        writer.join().unwrap();
+    }
+}

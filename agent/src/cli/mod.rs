@@ -1,0 +1,128 @@
+//! The command-line edge: argument parsing, logging set-up, and one file per command.
+//! `anyhow` is used here and nowhere else.
+#![forbid(unsafe_code)]
+
+mod run;
+mod tail;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Where the agent keeps its trail and keys unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/mcptrail";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcptrail",
+    version,
+    about = "Audit MCP traffic on this host: which process, under which token, sent what, and what came back",
+    long_about = "mcptrail redirects outbound connections to your MCP gateways through a local \
+proxy with an eBPF program on the cgroup connect hooks, ties every connection to the calling \
+process, relays it unchanged, and appends a hash-chained record of it to a local RocksDB trail. \
+No client needs to be reconfigured.\n\nStart the agent with `mcptrail run` (as root), then read \
+the trail with `mcptrail tail`."
+)]
+pub struct Cli {
+    /// State directory: the audit trail and keys live here (root only, mode 0700).
+    #[arg(
+        long,
+        global = true,
+        env = "MCPTRAIL_STATE_DIR",
+        default_value = DEFAULT_STATE_DIR,
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach the redirect, serve the proxy, write the trail (root).
+    Run(run::RunArgs),
+    /// Print the newest records of the trail; with -f, keep printing new ones as they arrive.
+    Tail(tail::TailArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Run(_) => "info",
+        _ => "warn",
+    };
+    init_logging(default_level);
+    let result = match cli.command {
+        Command::Run(args) => run::run(&cli.state_dir, args),
+        Command::Tail(args) => tail::run(&cli.state_dir, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcptrail: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr; `MCPTRAIL_LOG` takes a tracing filter such as `debug` or `mcptrail=trace`.
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MCPTRAIL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_defaults() {
+        let cli = Cli::try_parse_from(["mcptrail", "run"]).unwrap();
+        assert_eq!(cli.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.targets.len(), 1);
+        assert_eq!(args.targets[0].to_string(), "*:8811");
+        assert_eq!(args.listen_port, run::DEFAULT_LISTEN_PORT);
+    }
+
+    #[test]
+    fn repeated_targets_replace_the_default() {
+        let cli = Cli::try_parse_from([
+            "mcptrail",
+            "--state-dir",
+            "/tmp/x",
+            "run",
+            "--target",
+            "10.0.0.5:8811",
+            "--target",
+            "*:9000",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let t: Vec<String> = args.targets.iter().map(|t| t.to_string()).collect();
+        assert_eq!(t, ["10.0.0.5:8811", "*:9000"]);
+    }
+
+    #[test]
+    fn bad_targets_are_rejected_at_parse_time() {
+        let err = Cli::try_parse_from(["mcptrail", "run", "--target", "nope"]).unwrap_err();
+        assert!(err.to_string().contains("HOST:PORT"), "{err}");
+    }
+}

@@ -1,0 +1,141 @@
+//! Policy files: TOML, schema version 1. The embedded default is `policies/default.toml`.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::audit::record::PolicyRef;
+
+/// The default policy, compiled into the binary.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default.toml");
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read the policy file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the policy {source_name} is not valid: {message}")]
+    Invalid {
+        source_name: String,
+        message: String,
+    },
+    #[error(
+        "the policy {source_name} has schema version {found}; this mcptrail reads version {SCHEMA_VERSION}: upgrade mcptrail or rewrite the policy"
+    )]
+    Version { source_name: String, found: u32 },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    version: u32,
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+/// A loaded policy and where it came from.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub description: String,
+    /// `embedded` or the file's path.
+    pub source: String,
+    pub sha256: [u8; 32],
+}
+
+impl Policy {
+    pub fn embedded_default() -> Result<Self, PolicyError> {
+        Self::parse(EMBEDDED_DEFAULT, "embedded")
+    }
+
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses policy text; errors name the line and column.
+    pub fn parse(text: &str, source_name: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Invalid {
+            source_name: source_name.to_owned(),
+            message: describe(text, &e),
+        })?;
+        if file.version != SCHEMA_VERSION {
+            return Err(PolicyError::Version {
+                source_name: source_name.to_owned(),
+                found: file.version,
+            });
+        }
+        Ok(Policy {
+            name: file.name,
+            description: file.description,
+            source: source_name.to_owned(),
+            sha256: Sha256::digest(text.as_bytes()).into(),
+        })
+    }
+
+    pub fn reference(&self) -> PolicyRef {
+        PolicyRef {
+            name: self.name.clone(),
+            source: self.source.clone(),
+            sha256: hex::encode(self.sha256),
+        }
+    }
+}
+
+/// `line L, column C: message`, from the byte span toml reports.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().to_owned();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_loads() {
+        let p = Policy::embedded_default().unwrap();
+        assert_eq!(p.name, "default");
+        assert_eq!(p.source, "embedded");
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let err = Policy::parse("version = 1\nname = \"x\"\nbogus = 3\n", "p.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("p.toml"), "{msg}");
+        assert!(msg.contains("line 3, column 1"), "{msg}");
+    }
+
+    #[test]
+    fn future_versions_are_refused() {
+        let err = Policy::parse("version = 2\nname = \"x\"\n", "p.toml").unwrap_err();
+        assert!(matches!(err, PolicyError::Version { found: 2, .. }));
+    }
+
+    #[test]
+    fn digest_covers_the_bytes() {
+        let a = Policy::parse("version = 1\nname = \"x\"\n", "a").unwrap();
+        let b = Policy::parse("version = 1\nname = \"x\" # c\n", "b").unwrap();
+        assert_ne!(a.sha256, b.sha256);
+    }
+}

@@ -1,0 +1,127 @@
+//! `cargo xtask`: mcptrail's developer tasks.
+//!
+//! `setup` installs, idempotently, everything a fresh machine needs to build the project;
+//! `run` and `test` call it first, so the README's two commands are the whole set-up.
+#![forbid(unsafe_code)]
+
+mod setup;
+mod test;
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "mcptrail's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build needs: Debian packages, nightly rust-src, bpf-linker.
+    Setup,
+    /// Set up if needed, then build the mcptrail binary (with its embedded eBPF object).
+    Build,
+    /// Set up, build, and run the agent on its embedded default (root). Extra arguments go to
+    /// `mcptrail run`, for example `cargo xtask run -- --target 10.0.0.5:8811`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, check formatting and clippy, build, and run every test, the root eBPF ones
+    /// included.
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            build()?;
+            Ok(())
+        }
+        Task::Run { args } => {
+            setup::run()?;
+            let bin = build()?;
+            eprintln!(
+                "xtask: starting {} run {}; read the trail with `{} tail -f`",
+                bin.display(),
+                args.join(" "),
+                bin.display()
+            );
+            // exec, so that Ctrl-C and SIGTERM reach the agent itself and it can shut down
+            // cleanly instead of being orphaned by this wrapper.
+            let err = Command::new(&bin).arg("run").args(&args).exec();
+            Err(err).with_context(|| format!("starting {}", bin.display()))
+        }
+        Task::Test => {
+            setup::run()?;
+            test::run()
+        }
+    }
+}
+
+/// The workspace root (xtask lives one folder below it).
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_path_buf()
+}
+
+/// The target directory cargo uses for this workspace (honours CARGO_TARGET_DIR).
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs a command, failing with its command line when it fails.
+fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed with {status}", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Builds the agent (debug profile, shared with the tests) and returns the binary's path.
+fn build() -> anyhow::Result<PathBuf> {
+    run_checked(cargo().args(["build", "--package", "mcptrail", "--bin", "mcptrail"]))?;
+    let bin = target_dir().join("debug").join("mcptrail");
+    if !bin.exists() {
+        bail!("the build finished but {} is missing", bin.display());
+    }
+    Ok(bin)
+}

@@ -1,0 +1,181 @@
+//! `cargo xtask setup`: everything the build and the tests need, installed idempotently.
+//!
+//! Each step checks first and does nothing when its part is already in place, so running it
+//! before every build costs a few process spawns.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::run_checked;
+
+/// Debian packages: libclang for RocksDB's bindings, and the real programs the tests drive.
+const APT_PACKAGES: &[&str] = &["libclang-dev", "curl", "iproute2", "python3"];
+
+/// The bpf-linker release this recipe is known to build.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", crate::describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            crate::describe(cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask setup: installing Debian packages: {}",
+        missing.join(" ")
+    );
+    run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("installing Debian packages (this needs root)")
+}
+
+fn rustup() -> Command {
+    let mut cmd = Command::new("rustup");
+    // Run outside any toolchain override that cargo set for us.
+    cmd.env_remove("RUSTUP_TOOLCHAIN");
+    cmd
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let toolchains = output(rustup().args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run_checked(rustup().args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+            .context("the eBPF programs need a nightly toolchain")?;
+    }
+    let installed =
+        output(rustup().args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run_checked(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if !installed.lines().any(|l| l.starts_with("clippy")) {
+        run_checked(rustup().args(["component", "add", "clippy", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker_works() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// bpf-linker cannot be downloaded prebuilt here, so it is built against the nightly
+/// toolchain's own LLVM: the folder it is linked against becomes its RUNPATH, and holds the
+/// library under both the name the linker asks for and its own soname.
+fn bpf_linker() -> anyhow::Result<()> {
+    if bpf_linker_works() {
+        return Ok(());
+    }
+    let version = output(rustup().args(["run", "nightly", "rustc", "-vV"]))?;
+    let major = llvm_major(&version)
+        .with_context(|| format!("no LLVM version in `rustc +nightly -vV`:\n{version}"))?;
+    let sysroot = output(rustup().args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let lib = find_libllvm(&Path::new(sysroot.trim()).join("lib"))?;
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = PathBuf::from(home).join(format!(".local/share/mcptrail/llvm-{major}"));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let soname = lib.file_name().context("libLLVM has no file name")?;
+    for name in [Path::new("libLLVM.so"), Path::new(soname)] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), lib.display()))?;
+    }
+    run_checked(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features"])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix)
+            .env_remove("CARGO_TARGET_DIR"),
+    )?;
+    if !bpf_linker_works() {
+        bail!(
+            "bpf-linker was built but `bpf-linker --version` does not run; is ~/.cargo/bin on PATH?"
+        );
+    }
+    Ok(())
+}
+
+fn llvm_major(rustc_vv: &str) -> Option<u32> {
+    rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))?
+        .split('.')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The toolchain's LLVM shared library, for example `libLLVM.so.22.1-rust-1.97.0-nightly`.
+fn find_libllvm(dir: &Path) -> anyhow::Result<PathBuf> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("libLLVM.so.")
+            || (name.starts_with("libLLVM-") && name.ends_with(".so"))
+        {
+            return Ok(entry.path());
+        }
+    }
+    bail!(
+        "no libLLVM shared library in {}; is the nightly toolchain complete?",
+        dir.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_llvm_major() {
+        let vv =
+            "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv), Some(22));
+        assert_eq!(llvm_major("rustc 1.0\n"), None);
+    }
+}

@@ -1,0 +1,57 @@
+//! `cargo xtask test`: formatting, lints (host and BPF), build, every test.
+use anyhow::bail;
+
+use crate::{build, cargo, run_checked};
+
+pub fn run() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "cargo xtask test must run as root: the integration tests load eBPF programs and make cgroups and network namespaces"
+        );
+    }
+    run_checked(cargo().args(["fmt", "--all", "--check"]))?;
+    run_checked(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel programs only build for the BPF target, with nightly.
+    let mut nightly = std::process::Command::new("rustup");
+    nightly
+        .current_dir(crate::workspace_root())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args(["run", "nightly", "cargo"]);
+    run_checked(nightly.args([
+        "clippy",
+        "--package",
+        "agent-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let bin = build()?;
+    run_checked(
+        cargo()
+            .args(["test", "--workspace", "--exclude", "agent-ebpf"])
+            .env("MCPTRAIL_BIN", &bin),
+    )?;
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
