@@ -18,42 +18,65 @@ pub mod names {
     pub const ORIGIN_PEER: &str = "ORIGIN_PEER";
     pub const COUNTERS: &str = "COUNTERS";
     pub const PROG_CONNECT4: &str = "mcptrail_connect4";
+    pub const PROG_CONNECT6: &str = "mcptrail_connect6";
+    pub const PROG_GETPEERNAME4: &str = "mcptrail_getpeername4";
+    pub const PROG_GETPEERNAME6: &str = "mcptrail_getpeername6";
     pub const PROG_SOCKOPS: &str = "mcptrail_sockops";
 }
 
 /// Sizes of the kernel maps. The origin maps are LRU: a client that never completes its
-/// handshake must not pin an entry forever.
+/// handshake must not pin an entry forever. Userspace may resize the origin maps at load time.
 pub const TARGETS_MAX: u32 = 1024;
 pub const ORIGIN_MAX: u32 = 65_536;
+
+/// The IPv6 loopback address `::1` as network-order words.
+pub const LOOPBACK6: Addr6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+/// True for `::ffff:a.b.c.d`.
+pub const fn is_v4_mapped(addr: &Addr6) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
 
 /// Indices into the per-CPU `COUNTERS` array.
 pub mod counter {
     /// Connections rewritten to the proxy.
     pub const REDIRECTED: u32 = 0;
-    /// The caller was the agent itself (loop guard).
+    /// The caller was the agent itself (loop guard: tgid).
     pub const SKIPPED_SELF: u32 = 1;
-    /// The destination already was the proxy (loop guard).
-    pub const SKIPPED_PROXY_DST: u32 = 2;
+    /// The socket carried the agent's SO_MARK (loop guard: mark).
+    pub const SKIPPED_MARK: u32 = 2;
+    /// The destination already was the proxy (loop guard: destination).
+    pub const SKIPPED_PROXY_DST: u32 = 3;
     /// The caller was in another network namespace than the proxy.
-    pub const SKIPPED_OTHER_NETNS: u32 = 3;
+    pub const SKIPPED_OTHER_NETNS: u32 = 4;
+    /// An IPv6 target was hit but the proxy has no IPv6 listener.
+    pub const SKIPPED_NO_V6_PROXY: u32 = 5;
     /// The origin record could not be stored at connect time.
-    pub const ORIGIN_INSERT_FAILED: u32 = 4;
+    pub const ORIGIN_INSERT_FAILED: u32 = 6;
     /// sockops found the origin of an established redirected connection.
-    pub const ESTABLISHED: u32 = 5;
+    pub const ESTABLISHED: u32 = 7;
+    /// A connection reached the proxy but its origin had been evicted from the LRU map.
+    pub const ORIGIN_EVICTED: u32 = 8;
     /// sockops could not store the origin under the client's address.
-    pub const PEER_INSERT_FAILED: u32 = 6;
+    pub const PEER_INSERT_FAILED: u32 = 9;
     /// The connect hook ran without its configuration (agent not initialised).
-    pub const NO_CONFIG: u32 = 7;
-    pub const LEN: u32 = 8;
+    pub const NO_CONFIG: u32 = 10;
+    /// getpeername() answered with the original destination instead of the proxy.
+    pub const PEERNAME_REWRITTEN: u32 = 11;
+    pub const LEN: u32 = 12;
     pub const NAMES: [&str; LEN as usize] = [
         "redirected",
         "skipped_self",
+        "skipped_mark",
         "skipped_proxy_dst",
         "skipped_other_netns",
+        "skipped_no_v6_proxy",
         "origin_insert_failed",
         "established",
+        "origin_evicted",
         "peer_insert_failed",
         "no_config",
+        "peername_rewritten",
     ];
 }
 
@@ -74,6 +97,11 @@ pub struct TargetKey {
     pub port: u32,
 }
 
+/// `Config::flags`: userspace has filled the struct in.
+pub const CONFIG_READY: u32 = 1;
+/// `Config::flags`: the proxy also listens on `[::1]`, so IPv6 destinations can be redirected.
+pub const CONFIG_PROXY_V6: u32 = 2;
+
 /// Agent settings the kernel programs need. Lives in a one-slot array so that it can be
 /// changed while the programs run.
 #[repr(C)]
@@ -81,14 +109,18 @@ pub struct TargetKey {
 pub struct Config {
     /// Process id (tgid) of the agent: its own connections are never redirected.
     pub agent_tgid: u32,
-    /// Port of the proxy listener, host order.
+    /// Port of the proxy listeners, host order.
     pub proxy_port: u32,
     /// IPv4 address of the proxy listener, raw network-order word.
     pub proxy_ip4: u32,
-    /// Non-zero once userspace has filled the struct in.
-    pub ready: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
     /// Network namespace the proxy listens in; callers elsewhere are left alone.
     pub netns_cookie: u64,
+    /// SO_MARK the agent puts on its upstream sockets; 0 turns that guard off.
+    pub mark: u32,
+    /// Always zero; spelled out so the struct has no padding.
+    pub pad: u32,
 }
 
 /// Who connected where, captured in the caller's context by the connect hook.
@@ -143,7 +175,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(core::mem::size_of::<TargetKey>(), 20);
-        assert_eq!(core::mem::size_of::<Config>(), 24);
+        assert_eq!(core::mem::size_of::<Config>(), 32);
         assert_eq!(core::mem::size_of::<Origin>(), 80);
         assert_eq!(core::mem::size_of::<PeerKey>(), 32);
     }

@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod control;
 pub mod intercept;
 pub mod policy;
 pub mod process;

@@ -112,8 +112,21 @@ impl Drop for Reaped {
 
 /// A real HTTP server (Python's http.server) serving `dir` on 127.0.0.1:`port`.
 pub fn http_server(dir: &Path, port: u16) -> Reaped {
-    let child = Command::new("python3")
-        .args(["-m", "http.server", "--bind", "127.0.0.1"])
+    http_server_on(dir, "127.0.0.1", port, None)
+}
+
+/// A real HTTP server on `bind`:`port`, inside network namespace `netns` if given.
+pub fn http_server_on(dir: &Path, bind: &str, port: u16, netns: Option<&Netns>) -> Reaped {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.name, "python3"]);
+            c
+        }
+        None => Command::new("python3"),
+    };
+    let child = cmd
+        .args(["-m", "http.server", "--bind", bind])
         .arg(port.to_string())
         .arg("--directory")
         .arg(dir)
@@ -122,8 +135,151 @@ pub fn http_server(dir: &Path, port: u16) -> Reaped {
         .spawn()
         .expect("starting python3 -m http.server");
     let server = Reaped(child);
-    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    let addr = if bind.contains(':') {
+        format!("[{bind}]:{port}")
+    } else {
+        format!("{bind}:{port}")
+    };
+    match netns {
+        // Reachable from here only once the veth link is up; the caller checks that.
+        Some(ns) => ns.wait_listening(&addr),
+        None => wait_listening(&addr, Duration::from_secs(10)),
+    }
     server
+}
+
+/// The test client in tests/fixtures/tcp_client.py.
+pub fn tcp_client() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tcp_client.py")
+}
+
+/// Runs `ip` with the arguments, failing the test with its error.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace joined to the host by a veth pair: a "remote" host for the tests.
+/// Host side `10.T.0.1/30`, namespace side `10.T.0.2/30`, with T unique per namespace of
+/// this test process. Removed on drop.
+pub struct Netns {
+    pub name: String,
+    host_if: String,
+    pub host_addr: String,
+    pub ns_addr: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str, octet: u8) -> Netns {
+        let id = std::process::id() % 10_000;
+        let name = format!("mct-{id}-{tag}");
+        let host_if = format!("mcth{id}{octet}");
+        let ns_if = format!("mctn{id}{octet}");
+        let host_addr = format!("10.{octet}.0.1");
+        let ns_addr = format!("10.{octet}.0.2");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        ip(&["netns", "add", &name]);
+        let ns = Netns {
+            name,
+            host_if,
+            host_addr,
+            ns_addr,
+        };
+        ip(&[
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_if,
+        ]);
+        ip(&["link", "set", &ns_if, "netns", &ns.name]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_addr),
+            "dev",
+            &ns.host_if,
+        ]);
+        ip(&["link", "set", &ns.host_if, "up"]);
+        ns.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", ns.ns_addr),
+            "dev",
+            &ns_if,
+        ]);
+        ns.exec_ok(&["ip", "link", "set", &ns_if, "up"]);
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    fn exec_ok(&self, argv: &[&str]) {
+        let out = self.command(argv[0]).args(&argv[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "in {}: {}: {}",
+            self.name,
+            argv.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits until something listens on `addr` inside the namespace.
+    pub fn wait_listening(&self, addr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        loop {
+            let ok = self
+                .command("python3")
+                .args([
+                    "-c",
+                    "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()",
+                    host,
+                    port,
+                ])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on {addr} in {}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
 
 /// A running `mcptrail run`, stopped with SIGTERM on drop.
@@ -138,13 +294,31 @@ impl Agent {
     /// Starts the agent and waits until it says it is ready. Fails the test with the agent's
     /// own output if it exits first (for example because its eBPF programs did not load).
     pub fn start(state_dir: &Path, cgroup: &TestCgroup, targets: &[String]) -> Agent {
-        let listen_port = free_port();
-        let mut cmd = Command::new(agent_bin());
+        Self::start_with(state_dir, cgroup, targets, &[], false)
+    }
+
+    /// Like `start`, with extra `run` arguments, and optionally with the agent itself moved
+    /// into the cgroup it watches (to exercise the loop guards).
+    pub fn start_with(
+        state_dir: &Path,
+        cgroup: &TestCgroup,
+        targets: &[String],
+        extra: &[&str],
+        inside: bool,
+    ) -> Agent {
+        let listen_port = match extra.iter().position(|a| *a == "--listen-port") {
+            Some(i) => extra[i + 1].parse().expect("--listen-port takes a number"),
+            None => free_port(),
+        };
+        let bin = agent_bin();
+        let mut cmd = if inside {
+            cgroup.command(bin.to_str().expect("UTF-8 path"))
+        } else {
+            Command::new(&bin)
+        };
         cmd.arg("--state-dir")
             .arg(state_dir)
             .arg("run")
-            .arg("--listen-port")
-            .arg(listen_port.to_string())
             .arg("--cgroup")
             .arg(&cgroup.path)
             .arg("--shutdown-grace")
@@ -152,6 +326,10 @@ impl Agent {
         for t in targets {
             cmd.arg("--target").arg(t);
         }
+        if !extra.contains(&"--listen-port") {
+            cmd.arg("--listen-port").arg(listen_port.to_string());
+        }
+        cmd.args(extra);
         let mut child = cmd
             .env("MCPTRAIL_LOG", "info")
             .stdout(Stdio::null())
@@ -200,6 +378,38 @@ impl Agent {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), sig).expect("signalling the agent");
+    }
+
+    /// `mcptrail status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(agent_bin())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["status", "--json"])
+            .output()
+            .expect("running mcptrail status");
+        assert!(
+            out.status.success(),
+            "mcptrail status failed: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).expect("status prints JSON")
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agent already stopped");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Stops the agent with SIGTERM and waits for it; returns its exit status.

@@ -39,6 +39,13 @@ pub fn line(r: &StoredRecord) -> String {
             e.policy.name
         ),
         Event::AgentStop(e) => format!("reason={}", e.reason),
+        Event::TargetsChanged(e) => format!(
+            "trigger={} added={} removed={} entries={}",
+            e.trigger,
+            e.added,
+            e.removed,
+            e.entries.join(",")
+        ),
     };
     format!("#{} {} {} {}", rec.seq, time, rec.event.kind(), details)
 }
@@ -108,6 +115,7 @@ mod tests {
                 client: "127.0.0.1:40000".into(),
                 original_dst: "10.0.0.5:8811".into(),
                 proxy: "127.0.0.1:15811".into(),
+                target: None,
             },
             timing: Timing {
                 start: String::new(),

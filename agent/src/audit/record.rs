@@ -31,6 +31,8 @@ pub enum Event {
     Refused(RefusedEvent),
     AgentStart(AgentStart),
     AgentStop(AgentStop),
+    /// The kernel's target map changed while the agent ran (SIGHUP, or names re-resolved).
+    TargetsChanged(TargetsChanged),
 }
 
 impl Event {
@@ -40,6 +42,7 @@ impl Event {
             Event::Refused(_) => "refused",
             Event::AgentStart(_) => "agent_start",
             Event::AgentStop(_) => "agent_stop",
+            Event::TargetsChanged(_) => "targets_changed",
         }
     }
 
@@ -50,6 +53,7 @@ impl Event {
             Event::Refused(e) => &e.time,
             Event::AgentStart(e) => &e.time,
             Event::AgentStop(e) => &e.time,
+            Event::TargetsChanged(e) => &e.time,
         }
     }
 }
@@ -87,6 +91,9 @@ pub struct Connection {
     pub original_dst: String,
     /// The proxy listener that took the connection.
     pub proxy: String,
+    /// The configured target the destination matched (`*:8811`, `gw.internal:8811`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,9 +166,25 @@ pub struct AgentStart {
     pub version: String,
     pub pid: u32,
     pub targets: Vec<String>,
+    /// The proxy's listeners, comma-separated.
     pub listen: String,
     pub cgroup: String,
     pub policy: PolicyRef,
+    /// How the previous run of the agent on this trail ended; absent on a new trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_run: Option<PreviousRun>,
+}
+
+/// The end of the previous run, as the trail shows it. A run that did not end with an
+/// `agent_stop` record crashed or was killed: between its last record and this start, the
+/// hooks were gone and traffic went direct, unaudited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviousRun {
+    pub ended_cleanly: bool,
+    pub last_seq: u64,
+    /// Time of the trail's last record before this start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_record_time: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,6 +194,17 @@ pub struct AgentStop {
     /// Kernel counters at shutdown, by name.
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetsChanged {
+    pub time: String,
+    /// `SIGHUP` or `re-resolve`.
+    pub trigger: String,
+    /// The address:port entries now in force (`*:PORT` for wildcards).
+    pub entries: Vec<String>,
+    pub added: usize,
+    pub removed: usize,
 }
 
 /// Now, as the record's RFC 3339 UTC time with nanoseconds.

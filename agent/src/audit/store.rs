@@ -15,7 +15,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, Wri
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{self, GENESIS, Hash};
-use super::record::{Event, Record, SCHEMA_VERSION};
+use super::record::{Event, PreviousRun, Record, SCHEMA_VERSION};
 use super::{AuditError, CF_CHAIN, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
 
 /// Most records sealed into one batch; bounds the latency one fsync adds to the first writer.
@@ -94,6 +94,34 @@ impl Store {
 
     pub fn head(&self) -> Head {
         self.head
+    }
+
+    /// The newest record, if the trail has any.
+    pub fn last_record(&self) -> Result<Option<Record>, AuditError> {
+        if self.head.seq == 0 {
+            return Ok(None);
+        }
+        let records = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let bytes = self
+            .db
+            .get_cf(&records, seq_key(self.head.seq))
+            .map_err(AuditError::Read)?
+            .ok_or(AuditError::BadChain(self.head.seq))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| AuditError::Corrupt {
+                seq: self.head.seq,
+                source,
+            })
+    }
+
+    /// How the previous run ended, judged from the last record.
+    pub fn previous_run(&self) -> Result<Option<PreviousRun>, AuditError> {
+        Ok(self.last_record()?.map(|r| PreviousRun {
+            ended_cleanly: matches!(r.event, Event::AgentStop(_)),
+            last_seq: r.seq,
+            last_record_time: Some(r.event.time().to_owned()),
+        }))
     }
 
     /// Seals and durably writes a group of events; returns their sequence numbers.
@@ -244,6 +272,9 @@ mod tests {
 
         let mut store = Store::open(dir.path()).unwrap();
         assert_eq!(store.head(), head, "head is recovered from the chain");
+        let prev = store.previous_run().unwrap().unwrap();
+        assert!(prev.ended_cleanly);
+        assert_eq!(prev.last_seq, 2);
         assert_eq!(store.append_group(&[stop("c")]).unwrap(), [3]);
     }
 

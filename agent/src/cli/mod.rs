@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod run;
+mod status;
 mod tail;
 
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Print the newest records of the trail; with -f, keep printing new ones as they arrive.
     Tail(tail::TailArgs),
+    /// Ask the running agent what it does: programs, targets, counters, bypassing connections.
+    Status(status::StatusArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -57,6 +60,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&cli.state_dir, args),
         Command::Tail(args) => tail::run(&cli.state_dir, args),
+        Command::Status(args) => status::run(&cli.state_dir, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,8 +99,9 @@ mod tests {
         let Command::Run(args) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(args.targets.len(), 1);
-        assert_eq!(args.targets[0].to_string(), "*:8811");
+        let targets = run::all_targets(&args).unwrap();
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].to_string(), "*:8811");
         assert_eq!(args.listen_port, run::DEFAULT_LISTEN_PORT);
     }
 

@@ -1,8 +1,8 @@
 //! `mcptrail run`: the agent.
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
@@ -10,38 +10,47 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::Store;
-use crate::audit::record::{AgentStart, AgentStop, Event, now_rfc3339};
-use crate::intercept::{self, Interceptor, Target};
+use crate::audit::record::{AgentStart, AgentStop, Event, TargetsChanged, now_rfc3339};
+use crate::audit::{AuditLog, Store};
+use crate::control::{self, Request};
+use crate::intercept::{self, Interceptor, Target, bypass};
 use crate::policy::Policy;
-use crate::proxy::{self, Proxy};
+use crate::proxy::{self, Proxy, Stats};
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15811;
+/// SO_MARK on the agent's upstream sockets: "mctr" in ASCII. Change it with --upstream-mark if
+/// the host's policy routing already uses this value.
+pub const DEFAULT_UPSTREAM_MARK: u32 = 0x6d63_7472;
 
 #[derive(Debug, Args)]
 #[command(
     long_about = "Run the agent (as root). It loads the eBPF programs, attaches them to the cgroup \
 v2 root (or --cgroup), and from then on every new TCP connection to a target is redirected to the \
 local proxy, which relays it to the gateway and records it. Connections opened before the agent \
-started are not redirected. Stop it with SIGINT or SIGTERM: the hooks are detached first, so \
-traffic then goes direct (fail open)."
+started are not redirected (`mcptrail status` lists them). SIGHUP re-reads --targets-file and \
+re-resolves host names without touching open connections. SIGINT or SIGTERM stop it: the hooks \
+are detached first, so traffic then goes direct (fail open)."
 )]
 pub struct RunArgs {
-    /// Gateway to intercept: ADDR:PORT, *:PORT (any address on the port) or HOST:PORT
-    /// (resolved at start). Repeat for several gateways.
-    #[arg(
-        long = "target",
-        value_name = "HOST:PORT",
-        default_value = "*:8811",
-        value_parser = parse_target
-    )]
+    /// Gateway to intercept: ADDR:PORT, [V6ADDR]:PORT, *:PORT (any address on the port) or
+    /// HOST:PORT (resolved at start and every --resolve-interval). Repeat for several. With
+    /// neither --target nor --targets-file, the target is *:8811.
+    #[arg(long = "target", value_name = "HOST:PORT", value_parser = parse_target)]
     pub targets: Vec<Target>,
+
+    /// File with more targets, one HOST:PORT per line (`#` comments); re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub targets_file: Option<PathBuf>,
+
+    /// Seconds between re-resolutions of host-name targets (0: only at start and on SIGHUP).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub resolve_interval: u64,
 
     /// Policy file; the default is the embedded policies/default.toml.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
 
-    /// Port of the local proxy (on 127.0.0.1) that redirected connections land on.
+    /// Port of the local proxy (127.0.0.1 and [::1]) that redirected connections land on.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_LISTEN_PORT)]
     pub listen_port: u16,
 
@@ -49,6 +58,21 @@ pub struct RunArgs {
     /// are intercepted.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
+
+    /// SO_MARK put on the agent's own upstream sockets, which the hooks never redirect
+    /// (decimal or 0x hex; 0 turns this loop guard off) [default: 0x6d637472]
+    #[arg(
+        long,
+        value_name = "MARK",
+        default_value_t = DEFAULT_UPSTREAM_MARK,
+        hide_default_value = true,
+        value_parser = parse_mark
+    )]
+    pub upstream_mark: u32,
+
+    /// Entries in each kernel origin map (LRU): connections being redirected at once.
+    #[arg(long, value_name = "N", default_value_t = agent_common::ORIGIN_MAX)]
+    pub origin_map_size: u32,
 
     /// Seconds to wait for the gateway to accept a relayed connection.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
@@ -64,6 +88,14 @@ fn parse_target(s: &str) -> Result<Target, String> {
         .map_err(|e: intercept::InterceptError| e.to_string())
 }
 
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("`{s}` is not a 32-bit number (decimal or 0x hex)"))
+}
+
 pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -71,12 +103,25 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
             state_dir.display()
         );
     }
+    if args.origin_map_size == 0 {
+        bail!("--origin-map-size must be at least 1");
+    }
     let policy = match &args.policy {
         Some(path) => Policy::load(path)?,
         None => Policy::embedded_default()?,
     };
+    // Read the targets file before anything is attached, so a bad file stops the start.
+    all_targets(&args)?;
     let store = Store::open(state_dir)?;
     let head = store.head();
+    let previous_run = store.previous_run()?;
+    if let Some(prev) = previous_run.as_ref().filter(|p| !p.ended_cleanly) {
+        tracing::warn!(
+            last_seq = prev.last_seq,
+            last_record = prev.last_record_time.as_deref().unwrap_or("?"),
+            "the previous run did not stop cleanly: traffic between its last record and now went direct, unaudited"
+        );
+    }
     let (audit, writer) = store.spawn_writer();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -84,7 +129,14 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
         .thread_name("mcptrail")
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(args, policy, audit, head.seq));
+    let result = runtime.block_on(serve(
+        state_dir,
+        args,
+        policy,
+        audit,
+        head.seq,
+        previous_run,
+    ));
     drop(runtime);
     writer
         .join()
@@ -92,67 +144,132 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
+/// The target when none is given: the port MCP gateways commonly listen on, any address.
+pub const DEFAULT_TARGET: &str = "*:8811";
+
+/// The command-line targets plus those of the targets file, or the default when neither is
+/// given.
+pub(super) fn all_targets(args: &RunArgs) -> anyhow::Result<Vec<Target>> {
+    let mut targets = args.targets.clone();
+    if targets.is_empty() && args.targets_file.is_none() {
+        targets.push(DEFAULT_TARGET.parse()?);
+    }
+    if let Some(path) = &args.targets_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the targets file {}", path.display()))?;
+        let more = intercept::target::parse_targets_file(&text)
+            .with_context(|| format!("in {}", path.display()))?;
+        targets.extend(more);
+    }
+    Ok(targets)
+}
+
 async fn serve(
+    state_dir: &Path,
     args: RunArgs,
     policy: Policy,
-    audit: crate::audit::AuditLog,
+    audit: AuditLog,
     last_seq: u64,
+    previous_run: Option<crate::audit::record::PreviousRun>,
 ) -> anyhow::Result<()> {
-    let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, args.listen_port);
-    let listener = proxy::bind(SocketAddr::V4(listen)).await?;
-    let netns_cookie = crate::sys::netns_cookie(&listener)
+    let listen4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, args.listen_port);
+    let mut listeners = vec![proxy::bind(SocketAddr::V4(listen4)).await?];
+    // IPv6 is optional: a host without ::1 still gets IPv4 interception, and the kernel side
+    // is told not to redirect IPv6 destinations it could not deliver.
+    match proxy::bind(SocketAddr::new(
+        Ipv6Addr::LOCALHOST.into(),
+        args.listen_port,
+    ))
+    .await
+    {
+        Ok(l) => listeners.push(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "no IPv6 listener: IPv6 destinations will not be redirected")
+        }
+    }
+    let proxy_v6 = listeners.len() == 2;
+    let netns_cookie = crate::sys::netns_cookie(&listeners[0])
         .context("reading the proxy socket's network namespace cookie (needs Linux 5.14+)")?;
     let cgroup = intercept::cgroup::resolve(args.cgroup.as_deref())?;
+    let targets = all_targets(&args)?;
     let interceptor = Arc::new(Interceptor::start(intercept::Settings {
-        targets: args.targets.clone(),
-        proxy: listen,
+        targets: targets.clone(),
+        proxy: listen4,
+        proxy_v6,
         netns_cookie,
         cgroup: cgroup.clone(),
+        mark: args.upstream_mark,
+        origin_map_size: args.origin_map_size,
     })?);
 
-    let targets: Vec<String> = args.targets.iter().map(ToString::to_string).collect();
+    let listen: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let target_specs: Vec<String> = targets.iter().map(ToString::to_string).collect();
     audit
         .append(Event::AgentStart(AgentStart {
             time: now_rfc3339(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
-            targets: targets.clone(),
-            listen: listen.to_string(),
+            targets: target_specs.clone(),
+            listen: listen.join(","),
             cgroup: cgroup.display().to_string(),
             policy: policy.reference(),
+            previous_run,
         }))
         .await
         .context("recording the agent start")?;
+
+    let stop_accepting = CancellationToken::new();
+    let cut = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let proxy = Proxy::new(
+        listeners,
+        interceptor.clone(),
+        audit.clone(),
+        proxy::Settings {
+            connect_timeout: Duration::from_secs(args.connect_timeout),
+            proc_root: PathBuf::from("/proc"),
+            mark: args.upstream_mark,
+        },
+    )?;
+    let stats = proxy.stats();
+    let server = tokio::spawn(proxy.serve(stop_accepting.clone(), cut.clone(), tracker.clone()));
+
+    let status = StatusSource {
+        interceptor: interceptor.clone(),
+        stats: stats.clone(),
+        started: now_rfc3339(),
+        started_at: Instant::now(),
+        listen: listen.clone(),
+        mark: args.upstream_mark,
+    };
+    control::serve(
+        state_dir,
+        move |req| match req {
+            Request::Status => status.report(),
+        },
+        stop_accepting.clone(),
+    )?;
+
     tracing::info!(
-        listen = %listen,
-        targets = %targets.join(","),
+        listen = %listen.join(","),
+        targets = %target_specs.join(","),
         cgroup = %cgroup.display(),
         policy = %policy.name,
         previous_records = last_seq,
         "mcptrail ready: new connections to the targets are redirected, relayed and recorded"
     );
 
-    let stop_accepting = CancellationToken::new();
-    let cut = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let proxy = Proxy::new(
-        listener,
-        interceptor.clone(),
-        audit.clone(),
-        proxy::Settings {
-            connect_timeout: Duration::from_secs(args.connect_timeout),
-            proc_root: PathBuf::from("/proc"),
-        },
-    )?;
-    let server = tokio::spawn(proxy.serve(stop_accepting.clone(), cut.clone(), tracker.clone()));
-
-    let reason = wait_for_stop_signal().await?;
+    let reason = supervise(&args, &interceptor, &audit).await?;
     tracing::info!(
         reason,
         "stopping: detaching the hooks, draining connections"
     );
-    let counters = interceptor.counters();
     interceptor.detach();
+    let mut counters = interceptor.counters();
     stop_accepting.cancel();
     let _ = server.await;
     tracker.close();
@@ -167,6 +284,7 @@ async fn serve(
         cut.cancel();
         tracker.wait().await;
     }
+    counters.extend(stats.snapshot());
     audit
         .append(Event::AgentStop(AgentStop {
             time: now_rfc3339(),
@@ -178,11 +296,114 @@ async fn serve(
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<&'static str> {
+/// Runs until a stop signal; meanwhile reloads targets on SIGHUP and re-resolves names.
+async fn supervise(
+    args: &RunArgs,
+    interceptor: &Arc<Interceptor>,
+    audit: &AuditLog,
+) -> anyhow::Result<&'static str> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let period = Duration::from_secs(args.resolve_interval.max(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let trigger = tokio::select! {
+            _ = term.recv() => return Ok("SIGTERM"),
+            _ = int.recv() => return Ok("SIGINT"),
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick(), if args.resolve_interval > 0 => "re-resolve",
+        };
+        let targets = match all_targets(args) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    trigger,
+                    "keeping the current targets"
+                );
+                continue;
+            }
+        };
+        let i = interceptor.clone();
+        let change = tokio::task::spawn_blocking(move || i.set_targets(&targets)).await?;
+        match change {
+            Ok(change) => {
+                tracing::info!(
+                    trigger,
+                    added = change.added,
+                    removed = change.removed,
+                    total = change.total,
+                    "targets updated"
+                );
+                if change.added + change.removed > 0 || trigger == "SIGHUP" {
+                    let entries = interceptor.installed().iter().map(|i| i.entry()).collect();
+                    audit
+                        .append(Event::TargetsChanged(TargetsChanged {
+                            time: now_rfc3339(),
+                            trigger: trigger.to_owned(),
+                            entries,
+                            added: change.added,
+                            removed: change.removed,
+                        }))
+                        .await
+                        .context("recording a target change")?;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, trigger, "keeping the current targets"),
+        }
+    }
+}
+
+/// What `mcptrail status` is told.
+struct StatusSource {
+    interceptor: Arc<Interceptor>,
+    stats: Arc<Stats>,
+    started: String,
+    started_at: Instant,
+    listen: Vec<String>,
+    mark: u32,
+}
+
+impl StatusSource {
+    fn report(&self) -> serde_json::Value {
+        let installed = self.interceptor.installed();
+        let keys: Vec<_> = installed.iter().map(|i| i.key).collect();
+        let bypassing = bypass::bypassing(
+            &bypass::read_tcp_tables(),
+            &keys,
+            &bypass::own_socket_inodes(),
+        );
+        serde_json::json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "started": self.started,
+            "uptime_secs": self.started_at.elapsed().as_secs(),
+            "cgroup": self.interceptor.cgroup().display().to_string(),
+            "listen": self.listen,
+            "fail_mode": "open",
+            "upstream_mark": format!("{:#x}", self.mark),
+            "programs": self.interceptor.programs(),
+            "targets": installed.iter().map(|i| serde_json::json!({
+                "target": i.target.to_string(),
+                "entry": i.entry(),
+            })).collect::<Vec<_>>(),
+            "kernel_counters": self.interceptor.counters(),
+            "proxy_counters": self.stats.snapshot(),
+            "bypassing": bypassing,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_in_decimal_and_hex() {
+        assert_eq!(parse_mark("0x6d637472"), Ok(DEFAULT_UPSTREAM_MARK));
+        assert_eq!(parse_mark("42"), Ok(42));
+        assert!(parse_mark("0xZZ").unwrap_err().contains("32-bit"));
+    }
 }

@@ -2,15 +2,18 @@
 //! did this accepted connection come from?".
 #![forbid(unsafe_code)]
 
+pub mod bypass;
 pub mod cgroup;
 pub mod target;
 
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use agent_common::{Config, Origin, PeerKey, TargetKey, counter, names, v4_mapped};
+use agent_common::{
+    CONFIG_PROXY_V6, CONFIG_READY, Config, Origin, PeerKey, TargetKey, counter, names, v4_mapped,
+};
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
@@ -45,6 +48,8 @@ pub enum InterceptError {
         #[source]
         source: MapError,
     },
+    #[error("targets file, line {line}: {why}")]
+    TargetsFile { line: usize, why: String },
     #[error("too many targets: the kernel map holds {max} address:port entries")]
     TooManyTargets { max: u32 },
     #[error("cgroup {path}: {why}")]
@@ -60,71 +65,107 @@ pub enum InterceptError {
 /// the cgroup, so "single" here means "no flags", and other tools' programs stay attached.
 const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
+/// The cgroup sock_addr programs, in attach order after sockops.
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    names::PROG_GETPEERNAME4,
+    names::PROG_GETPEERNAME6,
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+];
+
 /// What the kernel side needs to know.
 pub struct Settings {
     pub targets: Vec<Target>,
-    /// The proxy listener (IPv4 loopback).
+    /// The IPv4 proxy listener.
     pub proxy: SocketAddrV4,
+    /// Whether the proxy also listens on `[::1]` (same port).
+    pub proxy_v6: bool,
     /// Network namespace the proxy listens in.
     pub netns_cookie: u64,
     /// The cgroup to attach to.
     pub cgroup: PathBuf,
+    /// SO_MARK on the agent's upstream sockets (0: that guard is off).
+    pub mark: u32,
+    /// Entries in each origin map (LRU).
+    pub origin_map_size: u32,
 }
 
-/// Loaded, configured and attached programs. Dropping it detaches them.
+/// One address:port entry in the kernel's target map and the target it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub target: Target,
+    pub key: TargetKey,
+}
+
+struct TargetTable {
+    map: HashMap<MapData, TargetKey, u32>,
+    installed: Vec<Installed>,
+}
+
+/// A loaded program as `status` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadedProgram {
+    pub name: &'static str,
+    pub id: u32,
+}
+
+/// Loaded, configured and attached programs. Dropping it (or `detach`) detaches them.
 pub struct Interceptor {
     // Owns the programs and their links: dropping it detaches them.
     ebpf: Mutex<Option<Ebpf>>,
+    targets: Mutex<TargetTable>,
     origins: Mutex<HashMap<MapData, PeerKey, Origin>>,
     counters: PerCpuArray<MapData, u64>,
     netns_cookie: u64,
     cgroup: PathBuf,
-    /// Target entries as installed, for reporting (`target id` indexes this).
-    pub targets: Vec<(Target, TargetKey)>,
+    programs: Vec<LoadedProgram>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> InterceptError {
     move |source| InterceptError::Map { name, source }
 }
 
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, InterceptError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(InterceptError::Missing(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
 impl Interceptor {
     pub fn start(settings: Settings) -> Result<Self, InterceptError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(InterceptError::Load)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(names::ORIGIN_COOKIE, settings.origin_map_size)
+            .map_max_entries(names::ORIGIN_PEER, settings.origin_map_size)
+            .load(EBPF_OBJECT)
+            .map_err(InterceptError::Load)?;
 
-        let mut installed = Vec::new();
+        let mut targets = TargetTable {
+            map: take(&mut ebpf, names::TARGETS)?,
+            installed: Vec::new(),
+        };
+        targets.replace(resolve_all(&settings.targets, &[])?)?;
         {
-            let map = ebpf
-                .map_mut(names::TARGETS)
-                .ok_or(InterceptError::Missing(names::TARGETS))?;
-            let mut targets: HashMap<_, TargetKey, u32> =
-                HashMap::try_from(map).map_err(map_err(names::TARGETS))?;
-            for target in &settings.targets {
-                for key in target.keys()? {
-                    let id = installed.len() as u32;
-                    if id >= agent_common::TARGETS_MAX {
-                        return Err(InterceptError::TooManyTargets {
-                            max: agent_common::TARGETS_MAX,
-                        });
-                    }
-                    targets
-                        .insert(key, id, 0)
-                        .map_err(map_err(names::TARGETS))?;
-                    installed.push((target.clone(), key));
-                }
-            }
-        }
-        {
+            // Borrowed, not taken: the map must outlive this block until the programs that
+            // refer to it are loaded.
             let map = ebpf
                 .map_mut(names::CONFIG)
                 .ok_or(InterceptError::Missing(names::CONFIG))?;
             let mut config: Array<_, Config> =
                 Array::try_from(map).map_err(map_err(names::CONFIG))?;
+            let mut flags = CONFIG_READY;
+            if settings.proxy_v6 {
+                flags |= CONFIG_PROXY_V6;
+            }
             let cfg = Config {
                 agent_tgid: std::process::id(),
                 proxy_port: u32::from(settings.proxy.port()),
                 proxy_ip4: u32::from_ne_bytes(settings.proxy.ip().octets()),
-                ready: 1,
+                flags,
                 netns_cookie: settings.netns_cookie,
+                mark: settings.mark,
+                pad: 0,
             };
             config.set(0, cfg, 0).map_err(map_err(names::CONFIG))?;
         }
@@ -133,49 +174,44 @@ impl Interceptor {
             path: settings.cgroup.clone(),
             why: e.to_string(),
         })?;
-        // sockops first: once connect4 redirects, the established callback must be there to
-        // hand the origin over, or the proxy would refuse the first connections.
+        let mut programs = Vec::new();
+        // sockops first: once connect redirects, the established callback must be there to
+        // hand the origin over, or the proxy would refuse the first connections. getpeername
+        // before connect, so no redirected client ever sees the proxy as its peer.
         {
             let name = names::PROG_SOCKOPS;
             let prog: &mut SockOps = ebpf
                 .program_mut(name)
-                .ok_or(InterceptError::Missing(names::PROG_SOCKOPS))?
+                .ok_or(InterceptError::Missing(name))?
                 .try_into()
                 .map_err(prog_err(name, "be found as sockops"))?;
             prog.load().map_err(prog_err(name, "load"))?;
             prog.attach(&cgroup_fd, LINK_MODE)
                 .map_err(prog_err(name, "attach"))?;
+            let id = prog.info().map_err(prog_err(name, "describe"))?.id();
+            programs.push(LoadedProgram { name, id });
         }
-        {
-            let name = names::PROG_CONNECT4;
+        for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
-                .ok_or(InterceptError::Missing(names::PROG_CONNECT4))?
+                .ok_or(InterceptError::Missing(name))?
                 .try_into()
-                .map_err(prog_err(name, "be found as cgroup/connect4"))?;
+                .map_err(prog_err(name, "be found as a cgroup sock_addr program"))?;
             prog.load().map_err(prog_err(name, "load"))?;
             prog.attach(&cgroup_fd, LINK_MODE)
                 .map_err(prog_err(name, "attach"))?;
+            let id = prog.info().map_err(prog_err(name, "describe"))?.id();
+            programs.push(LoadedProgram { name, id });
         }
 
-        let origins = HashMap::try_from(
-            ebpf.take_map(names::ORIGIN_PEER)
-                .ok_or(InterceptError::Missing(names::ORIGIN_PEER))?,
-        )
-        .map_err(map_err(names::ORIGIN_PEER))?;
-        let counters = PerCpuArray::try_from(
-            ebpf.take_map(names::COUNTERS)
-                .ok_or(InterceptError::Missing(names::COUNTERS))?,
-        )
-        .map_err(map_err(names::COUNTERS))?;
-
         Ok(Interceptor {
+            origins: Mutex::new(take(&mut ebpf, names::ORIGIN_PEER)?),
+            counters: take(&mut ebpf, names::COUNTERS)?,
             ebpf: Mutex::new(Some(ebpf)),
-            origins: Mutex::new(origins),
-            counters,
+            targets: Mutex::new(targets),
             netns_cookie: settings.netns_cookie,
             cgroup: settings.cgroup,
-            targets: installed,
+            programs,
         })
     }
 
@@ -187,6 +223,62 @@ impl Interceptor {
 
     pub fn cgroup(&self) -> &std::path::Path {
         &self.cgroup
+    }
+
+    pub fn programs(&self) -> &[LoadedProgram] {
+        &self.programs
+    }
+
+    /// The target entries in the kernel map now.
+    pub fn installed(&self) -> Vec<Installed> {
+        self.targets
+            .lock()
+            .expect("target lock poisoned")
+            .installed
+            .clone()
+    }
+
+    /// Makes the kernel's target map match `targets`, resolving names again. A name that does
+    /// not resolve keeps its previous addresses (a DNS hiccup must not open a hole); a target
+    /// spec that is invalid fails the whole change and leaves the map as it was.
+    pub fn set_targets(&self, targets: &[Target]) -> Result<TargetChange, InterceptError> {
+        let previous = self.installed();
+        let wanted = resolve_all(targets, &previous)?;
+        let mut table = self.targets.lock().expect("target lock poisoned");
+        let added = wanted
+            .iter()
+            .filter(|w| !table.installed.iter().any(|i| i.key == w.key))
+            .count();
+        let removed = table
+            .installed
+            .iter()
+            .filter(|i| !wanted.iter().any(|w| w.key == i.key))
+            .count();
+        table.replace(wanted)?;
+        Ok(TargetChange {
+            added,
+            removed,
+            total: table.installed.len(),
+        })
+    }
+
+    /// The target spec that a destination matched, for the record.
+    pub fn target_for(&self, dst: SocketAddr) -> Option<Target> {
+        let addr = addr_words(dst.ip());
+        let port = u32::from(dst.port());
+        let table = self.targets.lock().expect("target lock poisoned");
+        let exact = table
+            .installed
+            .iter()
+            .find(|i| i.key == TargetKey { addr, port });
+        exact
+            .or_else(|| {
+                table
+                    .installed
+                    .iter()
+                    .find(|i| i.key == TargetKey { addr: [0; 4], port })
+            })
+            .map(|i| i.target.clone())
     }
 
     /// Takes (looks up and deletes) the origin of a connection the proxy accepted from `peer`.
@@ -230,6 +322,86 @@ impl Interceptor {
     }
 }
 
+impl Installed {
+    /// `10.0.0.5:8811`, `[2001:db8::1]:8811`, or `*:8811`.
+    pub fn entry(&self) -> String {
+        if self.key.addr == [0; 4] {
+            format!("*:{}", self.key.port)
+        } else {
+            SocketAddr::new(words_addr(self.key.addr), self.key.port as u16).to_string()
+        }
+    }
+}
+
+/// What a target change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetChange {
+    pub added: usize,
+    pub removed: usize,
+    pub total: usize,
+}
+
+impl TargetTable {
+    fn replace(&mut self, wanted: Vec<Installed>) -> Result<(), InterceptError> {
+        if wanted.len() > agent_common::TARGETS_MAX as usize {
+            return Err(InterceptError::TooManyTargets {
+                max: agent_common::TARGETS_MAX,
+            });
+        }
+        // Add first, then remove: a target present before and after never leaves the map.
+        for (id, w) in wanted.iter().enumerate() {
+            self.map
+                .insert(w.key, id as u32, 0)
+                .map_err(map_err(names::TARGETS))?;
+        }
+        for old in &self.installed {
+            if !wanted.iter().any(|w| w.key == old.key) {
+                match self.map.remove(&old.key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(names::TARGETS)(e)),
+                }
+            }
+        }
+        self.installed = wanted;
+        Ok(())
+    }
+}
+
+/// Map entries for every target. A name that fails to resolve keeps the entries it had in
+/// `previous`; with none, the failure is an error.
+fn resolve_all(
+    targets: &[Target],
+    previous: &[Installed],
+) -> Result<Vec<Installed>, InterceptError> {
+    let mut out: Vec<Installed> = Vec::new();
+    for target in targets {
+        let keys = match target.keys() {
+            Ok(keys) => keys,
+            Err(e) => {
+                let kept: Vec<TargetKey> = previous
+                    .iter()
+                    .filter(|i| &i.target == target)
+                    .map(|i| i.key)
+                    .collect();
+                if kept.is_empty() {
+                    return Err(e);
+                }
+                tracing::warn!(target = %target, error = %e, "keeping the previous addresses");
+                kept
+            }
+        };
+        for key in keys {
+            if !out.iter().any(|i| i.key == key) {
+                out.push(Installed {
+                    target: target.clone(),
+                    key,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn prog_err(name: &'static str, what: &'static str) -> impl Fn(ProgramError) -> InterceptError {
     move |source| InterceptError::Program { name, what, source }
 }
@@ -265,9 +437,6 @@ pub fn words_addr(words: [u32; 4]) -> IpAddr {
 pub fn origin_destination(origin: &Origin) -> SocketAddr {
     SocketAddr::new(words_addr(origin.dst_addr), origin.dst_port as u16)
 }
-
-/// The proxy listener address used when none is configured.
-pub const DEFAULT_PROXY_IP: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
 #[cfg(test)]
 mod tests {

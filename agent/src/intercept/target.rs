@@ -5,7 +5,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, ToSocketAddrs};
 use std::str::FromStr;
 
-use agent_common::{TargetKey, v4_mapped};
+use agent_common::TargetKey;
 
 use super::InterceptError;
 
@@ -84,20 +84,13 @@ fn is_host_name(s: &str) -> bool {
 }
 
 impl Target {
-    /// The kernel map keys for this target. Names are resolved now.
-    ///
-    /// Only IPv4 is intercepted by this build (the connect4 hook), so IPv6 addresses are
-    /// refused, and the IPv6 results of a name are left out with a warning.
+    /// The kernel map keys for this target. Names are resolved now, to every IPv4 and IPv6
+    /// address they have.
     pub fn keys(&self) -> Result<Vec<TargetKey>, InterceptError> {
         let port = u32::from(self.port);
         match &self.host {
             TargetHost::Any => Ok(vec![TargetKey { addr: [0; 4], port }]),
-            TargetHost::Ip(IpAddr::V4(ip)) => Ok(vec![v4_key(*ip, port)]),
-            TargetHost::Ip(IpAddr::V6(_)) => Err(InterceptError::BadTarget {
-                spec: self.to_string(),
-                why: "IPv6 targets are not intercepted yet (this build attaches connect4 only)"
-                    .into(),
-            }),
+            TargetHost::Ip(ip) => Ok(vec![ip_key(*ip, port)]),
             TargetHost::Name(name) => {
                 let addrs = (name.as_str(), self.port).to_socket_addrs().map_err(|e| {
                     InterceptError::BadTarget {
@@ -107,23 +100,15 @@ impl Target {
                 })?;
                 let mut keys: Vec<TargetKey> = Vec::new();
                 for addr in addrs {
-                    match addr.ip() {
-                        IpAddr::V4(ip) => {
-                            let key = v4_key(ip, port);
-                            if !keys.contains(&key) {
-                                keys.push(key);
-                            }
-                        }
-                        IpAddr::V6(ip) => tracing::warn!(
-                            target = %self, address = %ip,
-                            "IPv6 address of target not intercepted (connect4 only)"
-                        ),
+                    let key = ip_key(addr.ip(), port);
+                    if !keys.contains(&key) {
+                        keys.push(key);
                     }
                 }
                 if keys.is_empty() {
                     return Err(InterceptError::BadTarget {
                         spec: self.to_string(),
-                        why: format!("{name} has no IPv4 address"),
+                        why: format!("{name} resolved to no address"),
                     });
                 }
                 Ok(keys)
@@ -132,9 +117,29 @@ impl Target {
     }
 }
 
-fn v4_key(ip: Ipv4Addr, port: u32) -> TargetKey {
+/// Reads a targets file: one `HOST:PORT` per line; blank lines and `#` comments are skipped.
+/// Errors name the line.
+pub fn parse_targets_file(text: &str) -> Result<Vec<Target>, InterceptError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let target: Target =
+            line.parse()
+                .map_err(|e: InterceptError| InterceptError::TargetsFile {
+                    line: i + 1,
+                    why: e.to_string(),
+                })?;
+        out.push(target);
+    }
+    Ok(out)
+}
+
+fn ip_key(ip: IpAddr, port: u32) -> TargetKey {
     TargetKey {
-        addr: v4_mapped(u32::from_ne_bytes(ip.octets())),
+        addr: super::addr_words(ip),
         port,
     }
 }
@@ -142,6 +147,14 @@ fn v4_key(ip: Ipv4Addr, port: u32) -> TargetKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agent_common::v4_mapped;
+
+    fn v4_key(ip: Ipv4Addr, port: u32) -> TargetKey {
+        TargetKey {
+            addr: v4_mapped(u32::from_ne_bytes(ip.octets())),
+            port,
+        }
+    }
 
     fn parse(s: &str) -> Result<Target, InterceptError> {
         s.parse()
@@ -199,12 +212,29 @@ mod tests {
         assert_eq!(k[0].addr[3], u32::from_ne_bytes([127, 0, 0, 1]));
         let any = parse("*:8811").unwrap().keys().unwrap();
         assert_eq!(any[0].addr, [0; 4]);
-        assert!(parse("[::1]:8811").unwrap().keys().is_err());
+        let v6 = parse("[::1]:8811").unwrap().keys().unwrap();
+        assert_eq!(v6[0].addr, agent_common::LOOPBACK6);
+        let mapped = parse("[::ffff:10.0.0.1]:1").unwrap().keys().unwrap();
+        assert_eq!(mapped[0], v4_key("10.0.0.1".parse().unwrap(), 1));
+    }
+
+    #[test]
+    fn targets_files_skip_comments_and_name_bad_lines() {
+        let t = parse_targets_file("# gateways\n10.0.0.5:8811  # main\n\n*:9000\n").unwrap();
+        assert_eq!(t.len(), 2);
+        let err = parse_targets_file("*:1\nnope\n").unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]
     fn names_resolve() {
         let k = parse("localhost:8811").unwrap().keys().unwrap();
         assert!(k.contains(&v4_key(Ipv4Addr::LOCALHOST, 8811)));
+    }
+
+    #[test]
+    fn unresolvable_names_say_so() {
+        let err = parse("no-such-host.invalid:1").unwrap().keys().unwrap_err();
+        assert!(err.to_string().contains("cannot resolve"), "{err}");
     }
 }

@@ -6,10 +6,12 @@
 #![forbid(unsafe_code)]
 
 pub mod relay;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_common::Origin;
@@ -52,17 +54,47 @@ pub enum ProxyError {
 pub struct Settings {
     pub connect_timeout: Duration,
     pub proc_root: PathBuf,
+    /// SO_MARK for upstream sockets (0: none).
+    pub mark: u32,
+}
+
+/// Userspace counters, reported by `status` and in the stop record.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    /// Connections refused because the kernel had no origin for them.
+    pub origin_misses: AtomicU64,
+    /// Connections refused by the userspace loop guard.
+    pub self_calls: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub open: AtomicU64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        [
+            ("accepted", &self.accepted),
+            ("origin_misses", &self.origin_misses),
+            ("self_calls_refused", &self.self_calls),
+            ("upstream_failures", &self.upstream_failures),
+            ("open_connections", &self.open),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
+        .collect()
+    }
 }
 
 struct Shared {
     interceptor: Arc<Interceptor>,
     audit: AuditLog,
-    local: SocketAddr,
+    locals: Vec<SocketAddr>,
     settings: Settings,
+    stats: Arc<Stats>,
 }
 
 pub struct Proxy {
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -74,47 +106,72 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
 
 impl Proxy {
     pub fn new(
-        listener: TcpListener,
+        listeners: Vec<TcpListener>,
         interceptor: Arc<Interceptor>,
         audit: AuditLog,
         settings: Settings,
     ) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
+        let locals = listeners
+            .iter()
+            .map(TcpListener::local_addr)
+            .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Proxy {
-            listener,
+            listeners,
             shared: Arc::new(Shared {
                 interceptor,
                 audit,
-                local,
+                locals,
                 settings,
+                stats: Arc::default(),
             }),
         })
     }
 
-    /// Accepts until `stop_accepting` fires. Connection tasks are spawned on `tracker` and end
-    /// when their peers close or when `cut` fires.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.shared.stats.clone()
+    }
+
+    /// Accepts on every listener until `stop_accepting` fires. Connection tasks are spawned
+    /// on `tracker` and end when their peers close or when `cut` fires.
     pub async fn serve(
         self,
         stop_accepting: CancellationToken,
         cut: CancellationToken,
         tracker: TaskTracker,
     ) {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop_accepting.cancelled() => break,
-                r = self.listener.accept() => r,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let shared = self.shared.clone();
-                    let cut = cut.clone();
-                    tracker.spawn(async move { shared.handle(stream, peer, cut).await });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        let mut loops = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            let shared = self.shared.clone();
+            let (stop, cut, tracker) = (stop_accepting.clone(), cut.clone(), tracker.clone());
+            loops.spawn(accept_loop(listener, shared, stop, cut, tracker));
+        }
+        while loops.join_next().await.is_some() {}
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop_accepting: CancellationToken,
+    cut: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop_accepting.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let shared = shared.clone();
+                let cut = cut.clone();
+                tracker.spawn(async move { shared.handle(stream, peer, cut).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -140,11 +197,15 @@ impl Shared {
 
     async fn refuse(&self, client: TcpStream, peer: SocketAddr, reason: &str) {
         tracing::warn!(%peer, reason, "refused connection");
+        let proxy = client
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         drop(client);
         let event = Event::Refused(RefusedEvent {
             time: now_rfc3339(),
             client: peer.to_string(),
-            proxy: self.local.to_string(),
+            proxy,
             reason: reason.to_owned(),
         });
         if let Err(e) = self.audit.append(event).await {
@@ -156,12 +217,20 @@ impl Shared {
         let started = chrono::Utc::now();
         let t0 = Instant::now();
         let Some(origin) = self.find_origin(peer).await else {
+            self.stats.origin_misses.fetch_add(1, Ordering::Relaxed);
             return self.refuse(client, peer, REFUSED_NO_ORIGIN).await;
         };
         let dst = origin_destination(&origin);
-        if dst == self.local {
+        if self.locals.contains(&dst) {
+            self.stats.self_calls.fetch_add(1, Ordering::Relaxed);
             return self.refuse(client, peer, REFUSED_SELF).await;
         }
+        let proxy_addr = client
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let target = self.interceptor.target_for(dst).map(|t| t.to_string());
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
         // Read /proc at once: the caller may be short-lived.
         let proc_root = self.settings.proc_root.clone();
         let process = tokio::task::spawn_blocking(move || process::identify(&origin, &proc_root))
@@ -171,7 +240,7 @@ impl Shared {
         let counts = relay::Counts::default();
         let outcome = match tokio::time::timeout(
             self.settings.connect_timeout,
-            TcpStream::connect(dst),
+            upstream::connect(dst, self.settings.mark),
         )
         .await
         {
@@ -187,7 +256,6 @@ impl Shared {
                 detail: Some(e.to_string()),
             },
             Ok(Ok(upstream)) => {
-                let _ = upstream.set_nodelay(true);
                 let _ = client.set_nodelay(true);
                 tokio::select! {
                     r = relay::relay(client, upstream, &counts) => match r {
@@ -201,13 +269,18 @@ impl Shared {
                 }
             }
         };
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        if outcome.status == Status::UpstreamConnectFailed {
+            self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        }
         let ended = chrono::Utc::now();
         let event = Event::Connection(ConnectionEvent {
             time: now_rfc3339(),
             connection: Connection {
                 client: peer.to_string(),
                 original_dst: dst.to_string(),
-                proxy: self.local.to_string(),
+                proxy: proxy_addr,
+                target,
             },
             timing: Timing {
                 start: rfc3339(started),
