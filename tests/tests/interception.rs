@@ -447,3 +447,102 @@ fn after_kill_9_traffic_goes_direct_and_the_next_start_records_the_gap() {
             .any(|r| matches!(&r.event, Event::Connection(c) if c.process.pid == p2))
     );
 }
+
+/// Removes a fail-closed agent's pins even when the test fails half-way.
+struct PinGuard(std::path::PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(agent_bin())
+            .arg("--state-dir")
+            .arg(&self.0)
+            .arg("detach")
+            .output();
+    }
+}
+
+fn curl_in(cgroup: &TestCgroup, port: u16) -> (u32, std::process::ExitStatus) {
+    let child = cgroup
+        .command("curl")
+        .args(["-sS", "--fail", "-o", "/dev/null", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{port}/index.html"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    (pid, out.status)
+}
+
+#[test]
+fn fail_closed_refuses_calls_while_the_agent_is_down_and_a_restart_adopts_the_pins() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let site = site();
+    let port = free_port();
+    let _server = http_server(site.path(), port);
+    let cgroup = TestCgroup::new("closed");
+    let state = work.path().join("state");
+    let _pins = PinGuard(state.clone());
+    let listen = free_port().to_string();
+    let target = [format!("127.0.0.1:{port}")];
+    let args = ["--fail-mode", "closed", "--listen-port", &listen];
+
+    let mut agent = Agent::start_with(&state, &cgroup, &target, &args, false);
+    let (p1, ok) = curl_in(&cgroup, port);
+    assert!(ok.success(), "agent log:\n{}", agent.log());
+    connection_of(&state, p1);
+    let status = agent.status();
+    assert_eq!(status["fail_mode"], "closed");
+    let pin_dir = std::path::PathBuf::from(status["pin_dir"].as_str().unwrap());
+    assert!(pin_dir.exists(), "{status:#}");
+
+    // Crash: the pinned redirect stays, nobody listens, so the call is refused (curl exit 7:
+    // could not connect) instead of reaching the gateway unaudited.
+    agent.kill9();
+    let (_, down) = curl_in(&cgroup, port);
+    assert_eq!(
+        down.code(),
+        Some(7),
+        "a call went through while the agent was down"
+    );
+
+    // A restart adopts the pinned programs and maps, and traffic flows, audited, again.
+    let mut again = Agent::start_with(&state, &cgroup, &target, &args, false);
+    let status = again.status();
+    assert_eq!(status["adopted_pinned_programs"], true, "{status:#}");
+    assert_eq!(status["programs"].as_array().unwrap().len(), 5);
+    let (p2, ok) = curl_in(&cgroup, port);
+    assert!(ok.success(), "agent log:\n{}", again.log());
+    connection_of(&state, p2);
+    assert!(agent_starts_noting_a_gap(&state));
+
+    // A clean stop keeps the pins too; `detach` removes them and traffic goes direct.
+    assert!(again.stop().success());
+    let (_, down) = curl_in(&cgroup, port);
+    assert_eq!(down.code(), Some(7));
+    let out = Command::new(agent_bin())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("detach")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pin_dir.exists());
+    let (_, direct) = curl_in(&cgroup, port);
+    assert!(
+        direct.success(),
+        "after detach the gateway is reached directly"
+    );
+}
+
+fn agent_starts_noting_a_gap(state: &std::path::Path) -> bool {
+    records(state).iter().any(|r| {
+        matches!(&r.event, Event::AgentStart(s)
+            if s.previous_run.as_ref().is_some_and(|p| !p.ended_cleanly))
+    })
+}

@@ -2,6 +2,7 @@
 //! `anyhow` is used here and nowhere else.
 #![forbid(unsafe_code)]
 
+mod detach;
 mod run;
 mod status;
 mod tail;
@@ -48,6 +49,8 @@ pub enum Command {
     Tail(tail::TailArgs),
     /// Ask the running agent what it does: programs, targets, counters, bypassing connections.
     Status(status::StatusArgs),
+    /// Remove the hooks a fail-closed agent left pinned, so traffic goes direct again.
+    Detach,
 }
 
 pub fn main() -> ExitCode {
@@ -61,6 +64,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(&cli.state_dir, args),
         Command::Tail(args) => tail::run(&cli.state_dir, args),
         Command::Status(args) => status::run(&cli.state_dir, args),
+        Command::Detach => detach::run(&cli.state_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

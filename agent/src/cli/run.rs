@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::record::{AgentStart, AgentStop, Event, TargetsChanged, now_rfc3339};
 use crate::audit::{AuditLog, Store};
 use crate::control::{self, Request};
-use crate::intercept::{self, Interceptor, Target, bypass};
+use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
 use crate::policy::Policy;
 use crate::proxy::{self, Proxy, Stats};
 
@@ -73,6 +73,12 @@ pub struct RunArgs {
     /// Entries in each kernel origin map (LRU): connections being redirected at once.
     #[arg(long, value_name = "N", default_value_t = agent_common::ORIGIN_MAX)]
     pub origin_map_size: u32,
+
+    /// What happens to intercepted traffic while no agent runs: `open` lets it go direct
+    /// (unaudited); `closed` keeps the redirect pinned in bpffs, so calls are refused until an
+    /// agent runs again, and a restarted agent adopts the pinned programs.
+    #[arg(long, value_enum, default_value_t = FailMode::Open)]
+    pub fail_mode: FailMode,
 
     /// Seconds to wait for the gateway to accept a relayed connection.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
@@ -200,6 +206,8 @@ async fn serve(
         cgroup: cgroup.clone(),
         mark: args.upstream_mark,
         origin_map_size: args.origin_map_size,
+        fail_mode: args.fail_mode,
+        state_dir: state_dir.to_path_buf(),
     })?);
 
     let listen: Vec<String> = listeners
@@ -245,6 +253,8 @@ async fn serve(
         started_at: Instant::now(),
         listen: listen.clone(),
         mark: args.upstream_mark,
+        fail_mode: args.fail_mode,
+        pins: intercept::pins::instance_dir(state_dir),
     };
     control::serve(
         state_dir,
@@ -364,6 +374,8 @@ struct StatusSource {
     started_at: Instant,
     listen: Vec<String>,
     mark: u32,
+    fail_mode: FailMode,
+    pins: PathBuf,
 }
 
 impl StatusSource {
@@ -382,7 +394,9 @@ impl StatusSource {
             "uptime_secs": self.started_at.elapsed().as_secs(),
             "cgroup": self.interceptor.cgroup().display().to_string(),
             "listen": self.listen,
-            "fail_mode": "open",
+            "fail_mode": self.fail_mode,
+            "adopted_pinned_programs": self.interceptor.adopted(),
+            "pin_dir": (self.fail_mode == FailMode::Closed).then(|| self.pins.display().to_string()),
             "upstream_mark": format!("{:#x}", self.mark),
             "programs": self.interceptor.programs(),
             "targets": installed.iter().map(|i| serde_json::json!({

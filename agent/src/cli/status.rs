@@ -27,10 +27,21 @@ pub fn run(state_dir: &Path, args: StatusArgs) -> anyhow::Result<()> {
     );
     println!("  cgroup:     {}", s["cgroup"].as_str().unwrap_or("?"));
     println!("  listening:  {}", join(&s["listen"]));
-    println!(
-        "  fail mode:  {} (when the agent stops, traffic goes direct)",
-        s["fail_mode"].as_str().unwrap_or("?")
-    );
+    match s["fail_mode"].as_str() {
+        Some("closed") => println!(
+            "  fail mode:  closed (hooks pinned in {}; while no agent runs, calls are refused){}",
+            s["pin_dir"].as_str().unwrap_or("?"),
+            if s["adopted_pinned_programs"] == true {
+                "; adopted from the previous run"
+            } else {
+                ""
+            }
+        ),
+        other => println!(
+            "  fail mode:  {} (when the agent stops, traffic goes direct)",
+            other.unwrap_or("?")
+        ),
+    }
     println!("  programs:");
     for p in s["programs"].as_array().into_iter().flatten() {
         println!("    {} (id {})", p["name"].as_str().unwrap_or("?"), p["id"]);

@@ -4,11 +4,12 @@
 
 pub mod bypass;
 pub mod cgroup;
+pub mod pins;
 pub mod target;
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use agent_common::{
@@ -16,8 +17,10 @@ use agent_common::{
 };
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
 
+pub use pins::FailMode;
 pub use target::Target;
 
 /// The kernel programs, built from agent-ebpf by the build script and embedded here.
@@ -52,6 +55,8 @@ pub enum InterceptError {
     TargetsFile { line: usize, why: String },
     #[error("too many targets: the kernel map holds {max} address:port entries")]
     TooManyTargets { max: u32 },
+    #[error("bpffs pin {path}: {why}")]
+    Pin { path: PathBuf, why: String },
     #[error("cgroup {path}: {why}")]
     Cgroup { path: PathBuf, why: String },
     #[error(
@@ -88,6 +93,27 @@ pub struct Settings {
     pub mark: u32,
     /// Entries in each origin map (LRU).
     pub origin_map_size: u32,
+    pub fail_mode: FailMode,
+    /// The agent's state directory: names its pins in fail-closed mode.
+    pub state_dir: PathBuf,
+}
+
+impl Settings {
+    fn config(&self) -> Config {
+        let mut flags = CONFIG_READY;
+        if self.proxy_v6 {
+            flags |= CONFIG_PROXY_V6;
+        }
+        Config {
+            agent_tgid: std::process::id(),
+            proxy_port: u32::from(self.proxy.port()),
+            proxy_ip4: u32::from_ne_bytes(self.proxy.ip().octets()),
+            flags,
+            netns_cookie: self.netns_cookie,
+            mark: self.mark,
+            pad: 0,
+        }
+    }
 }
 
 /// One address:port entry in the kernel's target map and the target it came from.
@@ -119,6 +145,32 @@ pub struct Interceptor {
     netns_cookie: u64,
     cgroup: PathBuf,
     programs: Vec<LoadedProgram>,
+    adopted: bool,
+}
+
+/// Maps pinned in fail-closed mode: everything the programs and the agent share.
+const PINNED_MAPS: [&str; 5] = [
+    names::TARGETS,
+    names::CONFIG,
+    names::ORIGIN_COOKIE,
+    names::ORIGIN_PEER,
+    names::COUNTERS,
+];
+
+fn pin_link(
+    link: Result<FdLink, aya::programs::links::LinkError>,
+    dir: &Path,
+    name: &'static str,
+) -> Result<(), InterceptError> {
+    let path = pins::link_path(dir, name);
+    let why = |e: String| InterceptError::Pin {
+        path: path.clone(),
+        why: e,
+    };
+    let link = link.map_err(|e| why(e.to_string()))?;
+    // The pinned link stays in bpffs after this handle is dropped: that is the point.
+    link.pin(&path).map_err(|e| why(e.to_string()))?;
+    Ok(())
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> InterceptError {
@@ -134,12 +186,62 @@ where
 }
 
 impl Interceptor {
+    /// Loads and attaches the programs, or, in fail-closed mode, adopts the ones a previous
+    /// run left pinned.
     pub fn start(settings: Settings) -> Result<Self, InterceptError> {
+        let instance = pins::instance_dir(&settings.state_dir);
+        match settings.fail_mode {
+            FailMode::Open => {
+                if instance.exists() {
+                    let n = pins::remove_instance(&instance)?;
+                    tracing::warn!(
+                        pins = n,
+                        dir = %instance.display(),
+                        "removed the pins of a fail-closed run: the hooks now live as long as this agent"
+                    );
+                }
+                Self::load(settings, None)
+            }
+            FailMode::Closed => {
+                pins::ensure_bpffs()?;
+                let dir = pins::object_dir(&instance, EBPF_OBJECT);
+                if pins::link_path(&dir, names::PROG_SOCKOPS).exists() {
+                    return Self::adopt(settings, &dir);
+                }
+                if instance.exists() {
+                    // Pins of another build: replace them. Between removing the old links
+                    // and attaching ours, connections go direct for a moment.
+                    let n = pins::remove_instance(&instance)?;
+                    tracing::warn!(pins = n, "replaced the pins of another mcptrail build");
+                }
+                std::fs::create_dir_all(&dir).map_err(|e| InterceptError::Pin {
+                    path: dir.clone(),
+                    why: e.to_string(),
+                })?;
+                Self::load(settings, Some(&dir))
+            }
+        }
+    }
+
+    /// Loads the embedded object and attaches it; with `pin_dir`, pins maps and links there.
+    fn load(settings: Settings, pin_dir: Option<&Path>) -> Result<Self, InterceptError> {
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries(names::ORIGIN_COOKIE, settings.origin_map_size)
             .map_max_entries(names::ORIGIN_PEER, settings.origin_map_size)
             .load(EBPF_OBJECT)
             .map_err(InterceptError::Load)?;
+        if let Some(dir) = pin_dir {
+            for name in PINNED_MAPS {
+                let path = pins::map_path(dir, name);
+                ebpf.map(name)
+                    .ok_or(InterceptError::Missing(name))?
+                    .pin(&path)
+                    .map_err(|e| InterceptError::Pin {
+                        path,
+                        why: e.to_string(),
+                    })?;
+            }
+        }
 
         let mut targets = TargetTable {
             map: take(&mut ebpf, names::TARGETS)?,
@@ -154,20 +256,9 @@ impl Interceptor {
                 .ok_or(InterceptError::Missing(names::CONFIG))?;
             let mut config: Array<_, Config> =
                 Array::try_from(map).map_err(map_err(names::CONFIG))?;
-            let mut flags = CONFIG_READY;
-            if settings.proxy_v6 {
-                flags |= CONFIG_PROXY_V6;
-            }
-            let cfg = Config {
-                agent_tgid: std::process::id(),
-                proxy_port: u32::from(settings.proxy.port()),
-                proxy_ip4: u32::from_ne_bytes(settings.proxy.ip().octets()),
-                flags,
-                netns_cookie: settings.netns_cookie,
-                mark: settings.mark,
-                pad: 0,
-            };
-            config.set(0, cfg, 0).map_err(map_err(names::CONFIG))?;
+            config
+                .set(0, settings.config(), 0)
+                .map_err(map_err(names::CONFIG))?;
         }
 
         let cgroup_fd = File::open(&settings.cgroup).map_err(|e| InterceptError::Cgroup {
@@ -186,9 +277,16 @@ impl Interceptor {
                 .try_into()
                 .map_err(prog_err(name, "be found as sockops"))?;
             prog.load().map_err(prog_err(name, "load"))?;
-            prog.attach(&cgroup_fd, LINK_MODE)
+            let link = prog
+                .attach(&cgroup_fd, LINK_MODE)
                 .map_err(prog_err(name, "attach"))?;
             let id = prog.info().map_err(prog_err(name, "describe"))?.id();
+            if let Some(dir) = pin_dir {
+                let link = prog
+                    .take_link(link)
+                    .map_err(prog_err(name, "detach its link"))?;
+                pin_link(FdLink::try_from(link), dir, name)?;
+            }
             programs.push(LoadedProgram { name, id });
         }
         for name in SOCK_ADDR_PROGRAMS {
@@ -198,9 +296,16 @@ impl Interceptor {
                 .try_into()
                 .map_err(prog_err(name, "be found as a cgroup sock_addr program"))?;
             prog.load().map_err(prog_err(name, "load"))?;
-            prog.attach(&cgroup_fd, LINK_MODE)
+            let link = prog
+                .attach(&cgroup_fd, LINK_MODE)
                 .map_err(prog_err(name, "attach"))?;
             let id = prog.info().map_err(prog_err(name, "describe"))?.id();
+            if let Some(dir) = pin_dir {
+                let link = prog
+                    .take_link(link)
+                    .map_err(prog_err(name, "detach its link"))?;
+                pin_link(FdLink::try_from(link), dir, name)?;
+            }
             programs.push(LoadedProgram { name, id });
         }
 
@@ -212,7 +317,69 @@ impl Interceptor {
             netns_cookie: settings.netns_cookie,
             cgroup: settings.cgroup,
             programs,
+            adopted: false,
         })
+    }
+
+    /// Takes over the pinned programs of a previous fail-closed run: they kept redirecting
+    /// while no agent ran; now their maps get this agent's settings.
+    fn adopt(settings: Settings, dir: &Path) -> Result<Self, InterceptError> {
+        fn pinned<T>(dir: &Path, name: &'static str) -> Result<T, InterceptError>
+        where
+            T: TryFrom<aya::maps::Map, Error = MapError>,
+        {
+            let data = MapData::from_pin(pins::map_path(dir, name)).map_err(map_err(name))?;
+            let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+            T::try_from(map).map_err(map_err(name))
+        }
+        let mut config: Array<MapData, Config> = pinned(dir, names::CONFIG)?;
+        config
+            .set(0, settings.config(), 0)
+            .map_err(map_err(names::CONFIG))?;
+        let map: HashMap<MapData, TargetKey, u32> = pinned(dir, names::TARGETS)?;
+        let mut installed = Vec::new();
+        for key in map.keys() {
+            let key = key.map_err(map_err(names::TARGETS))?;
+            let entry = Installed {
+                target: Target::placeholder(&key),
+                key,
+            };
+            installed.push(entry);
+        }
+        let mut targets = TargetTable { map, installed };
+        targets.replace(resolve_all(&settings.targets, &[])?)?;
+        let mut programs = Vec::new();
+        for name in std::iter::once(names::PROG_SOCKOPS).chain(SOCK_ADDR_PROGRAMS) {
+            let path = pins::link_path(dir, name);
+            let link = PinnedLink::from_pin(&path).map_err(|e| InterceptError::Pin {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+            let id = FdLink::from(link)
+                .info()
+                .map(|i| i.program_id())
+                .map_err(|e| InterceptError::Pin {
+                    path,
+                    why: e.to_string(),
+                })?;
+            programs.push(LoadedProgram { name, id });
+        }
+        tracing::info!(dir = %dir.display(), "adopted the pinned programs of the previous fail-closed run");
+        Ok(Interceptor {
+            origins: Mutex::new(pinned(dir, names::ORIGIN_PEER)?),
+            counters: pinned(dir, names::COUNTERS)?,
+            ebpf: Mutex::new(None),
+            targets: Mutex::new(targets),
+            netns_cookie: settings.netns_cookie,
+            cgroup: settings.cgroup,
+            programs,
+            adopted: true,
+        })
+    }
+
+    /// True when the programs were taken over from a previous fail-closed run.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// Detaches the programs: new connections go direct from now on. The origin map stays

@@ -117,6 +117,24 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The target an adopted map entry stands for, when the spec that made it is unknown.
+    pub fn placeholder(key: &TargetKey) -> Target {
+        let port = key.port as u16;
+        if key.addr == [0; 4] {
+            Target {
+                host: TargetHost::Any,
+                port,
+            }
+        } else {
+            Target {
+                host: TargetHost::Ip(super::words_addr(key.addr)),
+                port,
+            }
+        }
+    }
+}
+
 /// Reads a targets file: one `HOST:PORT` per line; blank lines and `#` comments are skipped.
 /// Errors name the line.
 pub fn parse_targets_file(text: &str) -> Result<Vec<Target>, InterceptError> {
