@@ -27,17 +27,21 @@ pub fn agent_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("MCPTRAIL_BIN") {
         return bin.into();
     }
+    // Test binaries live in target/<profile>/deps, other binaries in target/<profile>.
     let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps")
-        .join("mcptrail");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo xtask test does)",
-        bin.display()
-    );
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("mcptrail"))
+        .collect();
+    let bin = candidates
+        .iter()
+        .find(|b| b.exists())
+        .unwrap_or_else(|| {
+            panic!("mcptrail is not built next to {} (looked at {candidates:?}): build it first; cargo xtask test does", exe.display())
+        })
+        .clone();
     bin
 }
 

@@ -546,3 +546,29 @@ fn agent_starts_noting_a_gap(state: &std::path::Path) -> bool {
             if s.previous_run.as_ref().is_some_and(|p| !p.ended_cleanly))
     })
 }
+
+#[test]
+fn two_agents_on_one_cgroup_coexist() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let site = site();
+    let (a, b) = (free_port(), free_port());
+    let _sa = http_server(site.path(), a);
+    let _sb = http_server(site.path(), b);
+    let cgroup = TestCgroup::new("coexist");
+    let (state_a, state_b) = (work.path().join("a"), work.path().join("b"));
+    let _agent_a = Agent::start(&state_a, &cgroup, &[format!("127.0.0.1:{a}")]);
+    let _agent_b = Agent::start(&state_b, &cgroup, &[format!("127.0.0.1:{b}")]);
+
+    // Each agent's programs run beside the other's; each redirects only its own target.
+    let (pa, _) = client(python_in(&cgroup), &["127.0.0.1", &a.to_string()]);
+    let (pb, _) = client(python_in(&cgroup), &["127.0.0.1", &b.to_string()]);
+    connection_of(&state_a, pa);
+    connection_of(&state_b, pb);
+    let in_a = |pid| {
+        records(&state_a)
+            .iter()
+            .any(|r| matches!(&r.event, Event::Connection(c) if c.process.pid == pid))
+    };
+    assert!(!in_a(pb), "agent A recorded B's connection");
+}

@@ -36,6 +36,9 @@ enum Task {
     /// Set up, check formatting and clippy, build, and run every test, the root eBPF ones
     /// included.
     Test,
+    /// Set up, build, and run the benchmarks (root): each compares against the direct path in
+    /// the same run and reports ratios. See BENCHMARKS.md.
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +66,20 @@ fn main() -> anyhow::Result<()> {
         Task::Test => {
             setup::run()?;
             test::run()
+        }
+        Task::Bench => {
+            setup::run()?;
+            build()?;
+            run_checked(cargo().args([
+                "build",
+                "--package",
+                "mcptrail-tests",
+                "--bin",
+                "bench-connect",
+            ]))?;
+            run_checked(&mut Command::new(
+                target_dir().join("debug").join("bench-connect"),
+            ))
         }
     }
 }

@@ -44,6 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: attach the redirect, serve the proxy, write the trail (root).
+    #[command(long_about = run::LONG_ABOUT)]
     Run(run::RunArgs),
     /// Print the newest records of the trail; with -f, keep printing new ones as they arrive.
     Tail(tail::TailArgs),

@@ -22,15 +22,16 @@ pub const DEFAULT_LISTEN_PORT: u16 = 15811;
 /// the host's policy routing already uses this value.
 pub const DEFAULT_UPSTREAM_MARK: u32 = 0x6d63_7472;
 
+/// `mcptrail run --help`.
+pub const LONG_ABOUT: &str = "Run the agent (as root). It loads the eBPF programs, attaches them \
+to the cgroup v2 root (or --cgroup), and from then on every new TCP connection to a target is \
+redirected to the local proxy, which relays it to the gateway and records it. Connections opened \
+before the agent started are not redirected (`mcptrail status` lists them). SIGHUP re-reads \
+--targets-file and re-resolves host names without touching open connections. SIGINT or SIGTERM \
+stop it; with --fail-mode open (the default) the hooks go with it and traffic goes direct, with \
+--fail-mode closed they stay pinned and calls are refused until an agent runs again.";
+
 #[derive(Debug, Args)]
-#[command(
-    long_about = "Run the agent (as root). It loads the eBPF programs, attaches them to the cgroup \
-v2 root (or --cgroup), and from then on every new TCP connection to a target is redirected to the \
-local proxy, which relays it to the gateway and records it. Connections opened before the agent \
-started are not redirected (`mcptrail status` lists them). SIGHUP re-reads --targets-file and \
-re-resolves host names without touching open connections. SIGINT or SIGTERM stop it: the hooks \
-are detached first, so traffic then goes direct (fail open)."
-)]
 pub struct RunArgs {
     /// Gateway to intercept: ADDR:PORT, [V6ADDR]:PORT, *:PORT (any address on the port) or
     /// HOST:PORT (resolved at start and every --resolve-interval). Repeat for several. With
@@ -387,6 +388,16 @@ impl StatusSource {
             &keys,
             &bypass::own_socket_inodes(),
         );
+        let stats = self.interceptor.program_stats();
+        let programs: Vec<_> = self
+            .interceptor
+            .programs()
+            .iter()
+            .map(|p| {
+                let (runs, ns) = stats.get(&p.id).copied().unwrap_or_default();
+                serde_json::json!({"name": p.name, "id": p.id, "run_count": runs, "run_time_ns": ns})
+            })
+            .collect();
         serde_json::json!({
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
@@ -398,7 +409,7 @@ impl StatusSource {
             "adopted_pinned_programs": self.interceptor.adopted(),
             "pin_dir": (self.fail_mode == FailMode::Closed).then(|| self.pins.display().to_string()),
             "upstream_mark": format!("{:#x}", self.mark),
-            "programs": self.interceptor.programs(),
+            "programs": programs,
             "targets": installed.iter().map(|i| serde_json::json!({
                 "target": i.target.to_string(),
                 "entry": i.entry(),

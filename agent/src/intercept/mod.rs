@@ -396,6 +396,22 @@ impl Interceptor {
         &self.programs
     }
 
+    /// Run counts and total run time of our programs, by program id. The kernel only counts
+    /// while `kernel.bpf_stats_enabled` is 1 (it costs a little on every run).
+    pub fn program_stats(&self) -> std::collections::HashMap<u32, (u64, u64)> {
+        let ours: Vec<u32> = self.programs.iter().map(|p| p.id).collect();
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|info| ours.contains(&info.id()))
+            .map(|info| {
+                (
+                    info.id(),
+                    (info.run_count(), info.run_time().as_nanos() as u64),
+                )
+            })
+            .collect()
+    }
+
     /// The target entries in the kernel map now.
     pub fn installed(&self) -> Vec<Installed> {
         self.targets
