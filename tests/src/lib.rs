@@ -35,14 +35,13 @@ pub fn agent_bin() -> PathBuf {
         .take(2)
         .map(|dir| dir.join("mcptrail"))
         .collect();
-    let bin = candidates
+    candidates
         .iter()
         .find(|b| b.exists())
         .unwrap_or_else(|| {
             panic!("mcptrail is not built next to {} (looked at {candidates:?}): build it first; cargo xtask test does", exe.display())
         })
-        .clone();
-    bin
+        .clone()
 }
 
 /// A port that was free a moment ago.
