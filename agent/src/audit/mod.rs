@@ -5,10 +5,13 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod checkpoint;
 pub mod format;
+pub mod keys;
 pub mod reader;
 pub mod record;
 pub mod store;
+pub mod verify;
 
 use std::path::PathBuf;
 
@@ -21,6 +24,8 @@ pub const TRAIL_DIR: &str = "trail";
 /// Column families: records by sequence number, and the chain hash of each.
 pub const CF_RECORDS: &str = "records";
 pub const CF_CHAIN: &str = "chain";
+/// Signed checkpoints by the sequence number they cover.
+pub const CF_CHECKPOINTS: &str = "checkpoints";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -59,6 +64,8 @@ pub enum AuditError {
         "the trail's chain entry for record {0} is missing or malformed; run `mcptrail verify`"
     )]
     BadChain(u64),
+    #[error("signing key {path}: {why}")]
+    Key { path: PathBuf, why: String },
     #[error("the audit writer could not store the record: {0}")]
     Rejected(String),
     #[error(

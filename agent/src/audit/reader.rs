@@ -9,8 +9,9 @@ use std::path::Path;
 use rocksdb::{DB, Direction, IteratorMode, Options};
 
 use super::chain::Hash;
+use super::checkpoint::Checkpoint;
 use super::record::Record;
-use super::{AuditError, CF_CHAIN, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
+use super::{AuditError, CF_CHAIN, CF_CHECKPOINTS, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
 
 /// A record as stored, with its chain hash.
 #[derive(Debug, Clone)]
@@ -26,6 +27,20 @@ impl StoredRecord {
         v["hash"] = serde_json::Value::String(hex::encode(self.hash));
         v
     }
+}
+
+/// A checkpoint by the sequence number it is stored under, or why it does not parse.
+pub type StoredCheckpoint = (u64, Result<Checkpoint, String>);
+
+/// One stored record, uninterpreted.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    pub key: Vec<u8>,
+    /// The key as a sequence number, if it is one.
+    pub seq: Option<u64>,
+    pub bytes: Vec<u8>,
+    /// The stored chain hash, if any.
+    pub chain: Option<Vec<u8>>,
 }
 
 pub struct Reader {
@@ -51,13 +66,18 @@ impl Reader {
         let mut opts = Options::default();
         // Secondaries must keep every table file open to follow the primary's compactions.
         opts.set_max_open_files(-1);
-        let db = DB::open_cf_as_secondary(
-            &opts,
-            path.as_path(),
-            scratch.path(),
-            [CF_RECORDS, CF_CHAIN],
-        )
-        .map_err(|source| AuditError::Open { path, source })?;
+        // A trail written by an older agent may lack newer column families: open what exists.
+        let present =
+            DB::list_cf(&Options::default(), &path).map_err(|source| AuditError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let cfs: Vec<&str> = [CF_RECORDS, CF_CHAIN, CF_CHECKPOINTS]
+            .into_iter()
+            .filter(|cf| present.iter().any(|p| p == cf))
+            .collect();
+        let db = DB::open_cf_as_secondary(&opts, path.as_path(), scratch.path(), cfs)
+            .map_err(|source| AuditError::Open { path, source })?;
         Ok(Reader {
             db,
             _scratch: scratch,
@@ -79,6 +99,79 @@ impl Reader {
             Some(Err(e)) => Err(AuditError::Read(e)),
             Some(Ok((k, _))) => Ok(key_seq(&k)),
         }
+    }
+
+    /// Every stored record from `from` to `to` (inclusive) as raw entries, in key order, with
+    /// its chain hash if one is stored. For verification: nothing is interpreted here.
+    pub fn raw_range(
+        &self,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(RawEntry) -> bool,
+    ) -> Result<(), AuditError> {
+        let records = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let chain = self.db.cf_handle(CF_CHAIN).expect("chain CF opened");
+        let start = seq_key(from);
+        for item in self
+            .db
+            .iterator_cf(&records, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            let seq = key_seq(&key);
+            if seq.is_some_and(|s| s > to) {
+                break;
+            }
+            let hash = self
+                .db
+                .get_cf(&chain, &key)
+                .map_err(AuditError::Read)?
+                .map(|h| h.to_vec());
+            if !each(RawEntry {
+                key: key.to_vec(),
+                seq,
+                bytes: value.to_vec(),
+                chain: hash,
+            }) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequence numbers present in the chain column family, from `from` to `to`.
+    pub fn chain_seqs(&self, from: u64, to: u64) -> Result<Vec<u64>, AuditError> {
+        let chain = self.db.cf_handle(CF_CHAIN).expect("chain CF opened");
+        let start = seq_key(from);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(&chain, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (key, _) = item.map_err(AuditError::Read)?;
+            match key_seq(&key) {
+                Some(s) if s > to => break,
+                Some(s) => out.push(s),
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every checkpoint, in order; entries that do not parse are returned as errors in place.
+    pub fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, AuditError> {
+        let Some(cf) = self.db.cf_handle(CF_CHECKPOINTS) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(&cf, IteratorMode::Start) {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            let seq = key_seq(&key).unwrap_or(0);
+            out.push((
+                seq,
+                serde_json::from_slice(&value).map_err(|e| e.to_string()),
+            ));
+        }
+        Ok(out)
     }
 
     /// Up to `limit` records with sequence numbers from `from` on, in order.

@@ -11,12 +11,16 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
 use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{self, GENESIS, Hash};
-use super::record::{Event, PreviousRun, Record, SCHEMA_VERSION};
-use super::{AuditError, CF_CHAIN, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
+use super::checkpoint::Checkpoint;
+use super::record::{Event, PreviousRun, Record, SCHEMA_VERSION, now_rfc3339};
+use super::{AuditError, CF_CHAIN, CF_CHECKPOINTS, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
 
 /// Most records sealed into one batch; bounds the latency one fsync adds to the first writer.
 const MAX_GROUP: usize = 1024;
@@ -37,11 +41,33 @@ impl Head {
     };
 }
 
+/// When to sign a checkpoint: after this many records, or this long after the last one,
+/// whichever comes first (and always when asked, as at shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    pub every_records: u64,
+    pub every: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy {
+            every_records: 1000,
+            every: Duration::from_secs(60),
+        }
+    }
+}
+
 /// The RocksDB trail, opened read-write by the agent.
 pub struct Store {
     db: DB,
     head: Head,
     host: String,
+    key: SigningKey,
+    policy: CheckpointPolicy,
+    /// Sequence number the newest checkpoint covers (0: none yet).
+    checkpointed: u64,
+    checkpointed_at: Instant,
 }
 
 /// Makes the state directory (0700, root only) and returns the trail's folder in it.
@@ -75,6 +101,7 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
     vec![
         ColumnFamilyDescriptor::new(CF_RECORDS, records),
         ColumnFamilyDescriptor::new(CF_CHAIN, Options::default()),
+        ColumnFamilyDescriptor::new(CF_CHECKPOINTS, Options::default()),
     ]
 }
 
@@ -85,11 +112,59 @@ impl Store {
         let db = DB::open_cf_descriptors(&db_options(), &path, cf_descriptors())
             .map_err(|source| AuditError::Open { path, source })?;
         let head = read_head(&db)?;
+        let checkpointed = last_key(&db, CF_CHECKPOINTS)?.unwrap_or(0);
         Ok(Store {
             db,
             head,
             host: hostname(),
+            key: super::keys::load_or_create(state_dir)?,
+            policy: CheckpointPolicy::default(),
+            checkpointed,
+            checkpointed_at: Instant::now(),
         })
+    }
+
+    pub fn set_checkpoint_policy(&mut self, policy: CheckpointPolicy) {
+        self.policy = policy;
+    }
+
+    pub fn public_key(&self) -> ed25519_dalek::VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    fn checkpoint_due(&self, head: &Head) -> bool {
+        head.seq > self.checkpointed
+            && (head.seq - self.checkpointed >= self.policy.every_records
+                || self.checkpointed_at.elapsed() >= self.policy.every)
+    }
+
+    fn put_checkpoint(&self, batch: &mut WriteBatch, head: &Head) {
+        let cf = self
+            .db
+            .cf_handle(CF_CHECKPOINTS)
+            .expect("checkpoints CF opened");
+        let cp = Checkpoint::sign(&self.key, head.seq, &head.hash, now_rfc3339());
+        batch.put_cf(
+            &cf,
+            seq_key(head.seq),
+            serde_json::to_vec(&cp).expect("checkpoints serialise"),
+        );
+    }
+
+    /// Signs a checkpoint of the head now, if anything was written since the last one.
+    pub fn checkpoint_now(&mut self) -> Result<(), AuditError> {
+        if self.head.seq <= self.checkpointed {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        let head = self.head;
+        self.put_checkpoint(&mut batch, &head);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(AuditError::Write)?;
+        self.checkpointed = head.seq;
+        self.checkpointed_at = Instant::now();
+        Ok(())
     }
 
     pub fn head(&self) -> Head {
@@ -147,11 +222,19 @@ impl Store {
             head = Head { seq, hash };
             seqs.push(seq);
         }
+        let checkpoint = self.checkpoint_due(&head);
+        if checkpoint {
+            self.put_checkpoint(&mut batch, &head);
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db.write_opt(batch, &wo).map_err(AuditError::Write)?;
         // Only advance once durable: a failed batch leaves no gap in the chain.
         self.head = head;
+        if checkpoint {
+            self.checkpointed = head.seq;
+            self.checkpointed_at = Instant::now();
+        }
         Ok(seqs)
     }
 
@@ -163,6 +246,15 @@ impl Store {
             .spawn(move || writer_loop(self, rx))
             .expect("spawning the audit writer thread");
         (AuditLog { tx: Arc::new(tx) }, handle)
+    }
+}
+
+fn last_key(db: &DB, cf: &str) -> Result<Option<u64>, AuditError> {
+    let cf = db.cf_handle(cf).expect("column family opened");
+    match db.iterator_cf(&cf, IteratorMode::End).next() {
+        None => Ok(None),
+        Some(Err(e)) => Err(AuditError::Read(e)),
+        Some(Ok((key, _))) => Ok(key_seq(&key)),
     }
 }
 
@@ -193,15 +285,32 @@ struct Pending {
     done: oneshot::Sender<Result<u64, String>>,
 }
 
-fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Pending>) {
+enum Request {
+    // Boxed: an event is a few hundred bytes, and the queue holds thousands of requests.
+    Append(Box<Pending>),
+    Checkpoint(oneshot::Sender<Result<(), String>>),
+}
+
+fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>) {
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
+    let mut checkpoints: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
-        group.push(first);
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(p) => group.push(p),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Append(p) => group.push(*p),
+                Request::Checkpoint(done) => checkpoints.push(done),
             }
+            if group.len() < MAX_GROUP {
+                next = rx.try_recv().ok();
+            }
+        }
+        if group.is_empty() {
+            let r = store.checkpoint_now().map_err(|e| e.to_string());
+            for done in checkpoints.drain(..) {
+                let _ = done.send(r.clone());
+            }
+            continue;
         }
         let events: Vec<Event> = group.iter().map(|p| p.event.clone()).collect();
         match store.append_group(&events) {
@@ -209,12 +318,21 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Pending>) {
                 for (p, seq) in group.drain(..).zip(seqs) {
                     let _ = p.done.send(Ok(seq));
                 }
+                if !checkpoints.is_empty() {
+                    let r = store.checkpoint_now().map_err(|e| e.to_string());
+                    for done in checkpoints.drain(..) {
+                        let _ = done.send(r.clone());
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, records = group.len(), "audit write failed");
                 let msg = e.to_string();
                 for p in group.drain(..) {
                     let _ = p.done.send(Err(msg.clone()));
+                }
+                for done in checkpoints.drain(..) {
+                    let _ = done.send(Err(msg.clone()));
                 }
             }
         }
@@ -228,7 +346,7 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Pending>) {
 /// A cheap, cloneable handle for appending to the trail from async code.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: Arc<mpsc::Sender<Pending>>,
+    tx: Arc<mpsc::Sender<Request>>,
 }
 
 impl AuditLog {
@@ -236,11 +354,25 @@ impl AuditLog {
     pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Pending { event, done })
+            .send(Request::Append(Box::new(Pending { event, done })))
             .await
             .map_err(|_| AuditError::WriterGone)?;
         match wait.await {
             Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(msg)) => Err(AuditError::Rejected(msg)),
+            Err(_) => Err(AuditError::WriterGone),
+        }
+    }
+
+    /// Signs a checkpoint of everything written so far (nothing if nothing is new).
+    pub async fn checkpoint(&self) -> Result<(), AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Request::Checkpoint(done))
+            .await
+            .map_err(|_| AuditError::WriterGone)?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(msg)) => Err(AuditError::Rejected(msg)),
             Err(_) => Err(AuditError::WriterGone),
         }

@@ -3,9 +3,11 @@
 #![forbid(unsafe_code)]
 
 mod detach;
+mod key;
 mod run;
 mod status;
 mod tail;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +54,11 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Remove the hooks a fail-closed agent left pinned, so traffic goes direct again.
     Detach,
+    /// Check the trail: every record against the hash chain, every signed checkpoint against
+    /// its signature. Says OK with counts, or exactly where the trail breaks (exit status 1).
+    Verify(verify::VerifyArgs),
+    /// The checkpoint signing key.
+    Key(key::KeyArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -66,6 +73,8 @@ pub fn main() -> ExitCode {
         Command::Tail(args) => tail::run(&cli.state_dir, args),
         Command::Status(args) => status::run(&cli.state_dir, args),
         Command::Detach => detach::run(&cli.state_dir),
+        Command::Verify(args) => verify::run(&cli.state_dir, args),
+        Command::Key(args) => key::run(&cli.state_dir, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::record::{AgentStart, AgentStop, Event, TargetsChanged, now_rfc3339};
+use crate::audit::store::CheckpointPolicy;
 use crate::audit::{AuditLog, Store};
 use crate::control::{self, Request};
 use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
@@ -81,6 +82,14 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = FailMode::Open)]
     pub fail_mode: FailMode,
 
+    /// Sign a checkpoint of the trail after this many records...
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub checkpoint_every: u64,
+
+    /// ...or this many seconds after the last one, whichever comes first (and at every stop).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub checkpoint_interval: u64,
+
     /// Seconds to wait for the gateway to accept a relayed connection.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout: u64,
@@ -119,7 +128,14 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     };
     // Read the targets file before anything is attached, so a bad file stops the start.
     all_targets(&args)?;
-    let store = Store::open(state_dir)?;
+    if args.checkpoint_every == 0 || args.checkpoint_interval == 0 {
+        bail!("--checkpoint-every and --checkpoint-interval must be at least 1");
+    }
+    let mut store = Store::open(state_dir)?;
+    store.set_checkpoint_policy(CheckpointPolicy {
+        every_records: args.checkpoint_every,
+        every: Duration::from_secs(args.checkpoint_interval),
+    });
     let head = store.head();
     let previous_run = store.previous_run()?;
     if let Some(prev) = previous_run.as_ref().filter(|p| !p.ended_cleanly) {
@@ -304,6 +320,10 @@ async fn serve(
         }))
         .await
         .context("recording the agent stop")?;
+    audit
+        .checkpoint()
+        .await
+        .context("signing the final checkpoint")?;
     Ok(())
 }
 
@@ -319,12 +339,22 @@ async fn supervise(
     let period = Duration::from_secs(args.resolve_interval.max(1));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = Duration::from_secs(args.checkpoint_interval);
+    let mut sign = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    sign.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {
             _ = term.recv() => return Ok("SIGTERM"),
             _ = int.recv() => return Ok("SIGINT"),
             _ = hup.recv() => "SIGHUP",
             _ = tick.tick(), if args.resolve_interval > 0 => "re-resolve",
+            _ = sign.tick() => {
+                // An idle trail gets its newest records signed too.
+                if let Err(e) = audit.checkpoint().await {
+                    tracing::error!(error = %e, "signing a checkpoint failed");
+                }
+                continue;
+            }
         };
         let targets = match all_targets(args) {
             Ok(t) => t,

@@ -1,0 +1,71 @@
+//! `mcptrail verify`: check the trail's chain and signed checkpoints.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+
+use crate::audit::{Reader, keys, verify};
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// First record to check (the first record's own prev_hash is then taken as given).
+    #[arg(long, value_name = "SEQ", default_value_t = 1)]
+    pub from: u64,
+
+    /// Last record to check (default: the newest).
+    #[arg(long, value_name = "SEQ")]
+    pub to: Option<u64>,
+
+    /// Public key to check checkpoints against (as `mcptrail key export` wrote it). Without
+    /// it, the key in the state directory is used, which proves nothing against someone who
+    /// could replace both: keep an exported copy elsewhere and pass it here.
+    #[arg(long, value_name = "FILE")]
+    pub pubkey: Option<PathBuf>,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(state_dir: &Path, args: VerifyArgs) -> anyhow::Result<()> {
+    let key = match &args.pubkey {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the public key {}", path.display()))?;
+            keys::parse_public_key(&text)
+                .map_err(|e| anyhow::anyhow!("the public key {}: {e}", path.display()))?
+        }
+        None => keys::local_public_key(state_dir)?,
+    };
+    let reader = Reader::open(state_dir)?;
+    let report = verify::verify(&reader, args.from, args.to.unwrap_or(u64::MAX), &key)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.ok() {
+        println!(
+            "OK: {} records ({}..{}), {} signed checkpoints verified, newest covers record {}; {} newer records chained but not yet signed",
+            report.records,
+            report.first.map_or("-".into(), |s| s.to_string()),
+            report.last.map_or("-".into(), |s| s.to_string()),
+            report.checkpoints_verified,
+            report
+                .last_checkpoint
+                .map_or("none".into(), |s| s.to_string()),
+            report.unsigned_tail,
+        );
+    } else {
+        println!(
+            "BROKEN: the trail breaks at record {} ({} problems in {} records checked):",
+            report.problems[0].seq,
+            report.problems.len(),
+            report.records
+        );
+        for p in &report.problems {
+            println!("  record {}: {}", p.seq, p.what);
+        }
+    }
+    if !report.ok() {
+        bail!("the trail does not verify");
+    }
+    Ok(())
+}
