@@ -12,6 +12,7 @@ pub mod audit;
 pub mod cli;
 pub mod control;
 pub mod intercept;
+pub mod mcp;
 pub mod policy;
 pub mod process;
 pub mod proxy;

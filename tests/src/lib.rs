@@ -151,6 +151,46 @@ pub fn http_server_on(dir: &Path, bind: &str, port: u16, netns: Option<&Netns>) 
     server
 }
 
+/// The Python that has the official MCP SDK (`mcp`), installed by `cargo xtask setup` into
+/// its own virtual environment; $MCPTRAIL_PYTHON overrides it.
+pub fn mcp_python() -> PathBuf {
+    let python = std::env::var_os("MCPTRAIL_PYTHON").map_or_else(
+        || {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            Path::new(&home).join(".local/share/mcptrail/venv/bin/python")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        python.exists(),
+        "{} is missing: `cargo xtask setup` installs the MCP SDK there",
+        python.display()
+    );
+    python
+}
+
+/// A file in tests/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// The official SDK's MCP server (tests/fixtures/mcp_server.py) on 127.0.0.1:`port`.
+pub fn mcp_server(port: u16, extra: &[&str]) -> Reaped {
+    let child = Command::new(mcp_python())
+        .arg(fixture("mcp_server.py"))
+        .arg(port.to_string())
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the MCP server");
+    let server = Reaped(child);
+    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(20));
+    server
+}
+
 /// The test client in tests/fixtures/tcp_client.py.
 pub fn tcp_client() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tcp_client.py")

@@ -210,9 +210,25 @@ fn tail_follow_shows_new_records_as_they_are_written() {
         .unwrap();
     assert!(status.success(), "agent log:\n{}", agent.log());
 
-    let line = rx
-        .recv_timeout(WAIT)
-        .unwrap_or_else(|_| panic!("tail -f printed nothing; agent log:\n{}", agent.log()));
-    assert!(line.contains(" connection curl["), "{line}");
-    assert!(line.contains(&format!("-> 127.0.0.1:{port}")), "{line}");
+    // The GET is recorded as an `http` record when its response ends, the connection when it
+    // closes: both must show up while tail follows.
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !(seen.iter().any(|l: &String| l.contains(" http curl["))
+        && seen.iter().any(|l| l.contains(" connection curl[")))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "tail -f printed only {seen:#?}; agent log:\n{}",
+                agent.log()
+            ),
+        }
+    }
+    let http = seen.iter().find(|l| l.contains(" http curl[")).unwrap();
+    assert!(
+        http.contains(&format!("-> 127.0.0.1:{port} GET /index.html status=200")),
+        "{http}"
+    );
 }

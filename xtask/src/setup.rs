@@ -15,11 +15,44 @@ const APT_PACKAGES: &[&str] = &["libclang-dev", "curl", "iproute2", "python3"];
 /// The bpf-linker release this recipe is known to build.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The official MCP SDK the end-to-end tests drive (server and client), pinned.
+const MCP_SDK: &str = "mcp==2.3.0";
+
 pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    mcp_sdk()?;
     Ok(())
+}
+
+/// The Python virtual environment with the MCP SDK, in ~/.local/share/mcptrail/venv (the
+/// tests find it there).
+fn mcp_sdk() -> anyhow::Result<()> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let venv = PathBuf::from(home).join(".local/share/mcptrail/venv");
+    let python = venv.join("bin/python");
+    let pinned = MCP_SDK.split_once("==").map_or(MCP_SDK, |(_, v)| v);
+    let installed = Command::new(&python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('mcp'))",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == pinned)
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    if !python.exists() {
+        run_checked(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(MCP_SDK),
+    )
+    .context("installing the MCP SDK for the end-to-end tests")
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {

@@ -39,6 +39,53 @@ pub fn line(r: &StoredRecord) -> String {
             e.policy.name
         ),
         Event::AgentStop(e) => format!("reason={}", e.reason),
+        Event::Mcp(e) => {
+            let what = match (&e.method, &e.name, &e.uri) {
+                (Some(m), Some(n), _) => format!("{m} {n}"),
+                (Some(m), None, Some(u)) => format!("{m} {u}"),
+                (Some(m), None, None) => m.clone(),
+                (None, _, _) => match e.message {
+                    Some(crate::mcp::Kind::Error) => "error".to_owned(),
+                    Some(_) => "result".to_owned(),
+                    None => "malformed".to_owned(),
+                },
+            };
+            let id = e
+                .jsonrpc_id
+                .as_ref()
+                .map(|i| format!(" id={i}"))
+                .unwrap_or_default();
+            let arrow = match e.direction {
+                crate::audit::record::Direction::ClientToServer => "->",
+                crate::audit::record::Direction::ServerToClient => "<-",
+            };
+            format!(
+                "{}[{}] {arrow} {} {what}{id} exchange={}{}",
+                e.process.comm,
+                e.process.pid,
+                e.connection.original_dst,
+                e.exchange,
+                e.malformed
+                    .as_ref()
+                    .map(|m| format!(" malformed: {m}"))
+                    .unwrap_or_default()
+            )
+        }
+        Event::Http(e) => format!(
+            "{}[{}] -> {} {} {} status={} req={} resp={}{}",
+            e.process.comm,
+            e.process.pid,
+            e.connection.original_dst,
+            e.http.method,
+            e.http.path,
+            e.http.status.map_or("-".to_owned(), |s| s.to_string()),
+            human_bytes(e.bytes.req),
+            human_bytes(e.bytes.resp),
+            e.error
+                .as_ref()
+                .map(|x| format!(" error: {x}"))
+                .unwrap_or_default()
+        ),
         Event::TargetsChanged(e) => format!(
             "trigger={} added={} removed={} entries={}",
             e.trigger,

@@ -33,6 +33,10 @@ pub enum Event {
     AgentStop(AgentStop),
     /// The kernel's target map changed while the agent ran (SIGHUP, or names re-resolved).
     TargetsChanged(TargetsChanged),
+    /// One MCP (JSON-RPC) message, in either direction. Boxed: it is the largest kind.
+    Mcp(Box<McpEvent>),
+    /// An HTTP request on a redirected connection that carried no MCP message.
+    Http(HttpEvent),
 }
 
 impl Event {
@@ -43,6 +47,8 @@ impl Event {
             Event::AgentStart(_) => "agent_start",
             Event::AgentStop(_) => "agent_stop",
             Event::TargetsChanged(_) => "targets_changed",
+            Event::Mcp(_) => "mcp",
+            Event::Http(_) => "http",
         }
     }
 
@@ -54,6 +60,8 @@ impl Event {
             Event::AgentStart(e) => &e.time,
             Event::AgentStop(e) => &e.time,
             Event::TargetsChanged(e) => &e.time,
+            Event::Mcp(e) => &e.time,
+            Event::Http(e) => &e.time,
         }
     }
 }
@@ -205,6 +213,87 @@ pub struct TargetsChanged {
     pub entries: Vec<String>,
     pub added: usize,
     pub removed: usize,
+}
+
+/// The HTTP exchange an MCP message travelled in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HttpInfo {
+    pub method: String,
+    pub path: String,
+    /// Response status, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `Mcp-Session-Id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// `MCP-Protocol-Version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    /// Response `Content-Type` (for example `text/event-stream`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    ClientToServer,
+    ServerToClient,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McpEvent {
+    pub time: String,
+    /// Links a request to its outcome: both records carry the same id.
+    pub exchange: String,
+    pub direction: Direction,
+    /// `request`, `notification`, `response` or `error`; absent for malformed messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<crate::mcp::Kind>,
+    pub process: Process,
+    pub connection: Connection,
+    pub http: HttpInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsonrpc_id: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Tool or prompt name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Resource URI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<serde_json::Value>,
+    /// Part of a JSON-RPC batch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch: bool,
+    /// Why the bytes were not understood (they were relayed unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub malformed: Option<String>,
+    /// For outcomes: microseconds from the request's arrival to the response's first byte and
+    /// to this message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_us: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpEvent {
+    pub time: String,
+    pub process: Process,
+    pub connection: Connection,
+    pub http: HttpInfo,
+    pub bytes: Bytes,
+    pub elapsed_us: u64,
+    /// Set when the exchange failed (for example the gateway reset the connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Now, as the record's RFC 3339 UTC time with nanoseconds.

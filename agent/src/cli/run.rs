@@ -90,6 +90,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub checkpoint_interval: u64,
 
+    /// Bytes of each HTTP body kept in the trail; larger bodies are forwarded in full and
+    /// recorded as truncated.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
+    pub capture_limit: usize,
+
     /// Seconds to wait for the gateway to accept a relayed connection.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout: u64,
@@ -258,6 +263,7 @@ async fn serve(
             connect_timeout: Duration::from_secs(args.connect_timeout),
             proc_root: PathBuf::from("/proc"),
             mark: args.upstream_mark,
+            capture_limit: args.capture_limit,
         },
     )?;
     let stats = proxy.stats();

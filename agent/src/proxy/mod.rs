@@ -5,6 +5,7 @@
 //! is refused and the refusal recorded, so the agent is never an open relay.
 #![forbid(unsafe_code)]
 
+pub mod http;
 pub mod relay;
 pub mod upstream;
 
@@ -56,6 +57,8 @@ pub struct Settings {
     pub proc_root: PathBuf,
     /// SO_MARK for upstream sockets (0: none).
     pub mark: u32,
+    /// Bytes of each HTTP body kept for the record (forwarding is never bounded by it).
+    pub capture_limit: usize,
 }
 
 /// Userspace counters, reported by `status` and in the stop record.
@@ -91,6 +94,10 @@ struct Shared {
     locals: Vec<SocketAddr>,
     settings: Settings,
     stats: Arc<Stats>,
+    /// Connections served over HTTP, for exchange ids.
+    connections: AtomicU64,
+    /// Distinguishes this run's exchange ids from other runs'.
+    run_id: String,
 }
 
 pub struct Proxy {
@@ -123,6 +130,8 @@ impl Proxy {
                 locals,
                 settings,
                 stats: Arc::default(),
+                connections: AtomicU64::new(0),
+                run_id: format!("{:x}", chrono::Utc::now().timestamp()),
             }),
         })
     }
@@ -174,6 +183,19 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// How long to wait for a client's first bytes before treating the connection as one where
+/// the server speaks first (relayed raw).
+const SNIFF_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether the client opens with an HTTP/1.x request line. Peeks, so nothing is consumed.
+async fn sniff_http(client: &TcpStream) -> bool {
+    let mut buf = [0u8; 8];
+    match tokio::time::timeout(SNIFF_WAIT, client.peek(&mut buf)).await {
+        Ok(Ok(n)) => http::looks_like_http(&buf[..n]),
+        _ => false,
     }
 }
 
@@ -237,7 +259,7 @@ impl Shared {
             .await
             .expect("identify does not panic");
 
-        let counts = relay::Counts::default();
+        let counts = Arc::new(relay::Counts::default());
         let outcome = match tokio::time::timeout(
             self.settings.connect_timeout,
             upstream::connect(dst, self.settings.mark),
@@ -257,10 +279,35 @@ impl Shared {
             },
             Ok(Ok(upstream)) => {
                 let _ = client.set_nodelay(true);
+                let http = sniff_http(&client).await;
+                let conn_info = Connection {
+                    client: peer.to_string(),
+                    original_dst: dst.to_string(),
+                    proxy: proxy_addr.clone(),
+                    target: target.clone(),
+                };
+                let relayed = async {
+                    if http {
+                        let n = self.connections.fetch_add(1, Ordering::Relaxed);
+                        let conn = Arc::new(http::Conn::new(
+                            self.audit.clone(),
+                            process.clone(),
+                            conn_info,
+                            self.settings.capture_limit,
+                            format!("{}.{n}", self.run_id),
+                        ));
+                        let client = relay::Counted::new(client, counts.clone());
+                        http::serve(client, upstream, dst, self.settings.mark, conn).await
+                    } else {
+                        relay::relay(client, upstream, &counts)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                };
                 tokio::select! {
-                    r = relay::relay(client, upstream, &counts) => match r {
+                    r = relayed => match r {
                         Ok(()) => Outcome { status: Status::Closed, detail: None },
-                        Err(e) => Outcome { status: Status::RelayError, detail: Some(e.to_string()) },
+                        Err(e) => Outcome { status: Status::RelayError, detail: Some(e) },
                     },
                     _ = cut.cancelled() => Outcome {
                         status: Status::AgentShutdown,

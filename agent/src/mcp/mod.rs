@@ -1,0 +1,199 @@
+//! Pure MCP parsing: JSON-RPC 2.0 messages as MCP sends them over HTTP, one object or a batch.
+//! Functions over bytes and values; no IO.
+#![forbid(unsafe_code)]
+
+use serde_json::Value;
+
+/// Why bytes are not MCP messages. The bytes are relayed unchanged all the same; the record
+/// says this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum McpError {
+    #[error("not valid UTF-8 JSON: {0}")]
+    Json(String),
+    #[error("an empty batch")]
+    EmptyBatch,
+    #[error("not a JSON-RPC 2.0 message: {0}")]
+    NotJsonRpc(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Request,
+    Notification,
+    Response,
+    Error,
+}
+
+/// One JSON-RPC message, with the MCP names pulled out of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub kind: Kind,
+    pub id: Option<Value>,
+    pub method: Option<String>,
+    /// `params.name` of `tools/call` and `prompts/get`.
+    pub name: Option<String>,
+    /// `params.uri` of `resources/read`, `resources/subscribe` and friends.
+    pub uri: Option<String>,
+    pub params: Option<Value>,
+    pub result: Option<Value>,
+    pub error: Option<Value>,
+}
+
+/// Parses an HTTP body (or SSE `data`) holding one message or a batch of them.
+/// Returns the messages and whether they came as a batch.
+pub fn parse(bytes: &[u8]) -> Result<(Vec<Message>, bool), McpError> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| McpError::Json(e.to_string()))?;
+    match value {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(McpError::EmptyBatch);
+            }
+            let messages = items
+                .into_iter()
+                .map(classify)
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((messages, true))
+        }
+        other => Ok((vec![classify(other)?], false)),
+    }
+}
+
+/// Sorts one JSON value into request, notification, response or error.
+pub fn classify(value: Value) -> Result<Message, McpError> {
+    let Value::Object(mut obj) = value else {
+        return Err(McpError::NotJsonRpc("not an object"));
+    };
+    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(McpError::NotJsonRpc("no \"jsonrpc\": \"2.0\""));
+    }
+    let id = obj.remove("id");
+    let method = match obj.remove("method") {
+        Some(Value::String(m)) => Some(m),
+        Some(_) => return Err(McpError::NotJsonRpc("\"method\" is not a string")),
+        None => None,
+    };
+    let params = obj.remove("params");
+    let result = obj.remove("result");
+    let error = obj.remove("error");
+    let kind = match (&method, &id, &result, &error) {
+        (Some(_), Some(_), _, _) => Kind::Request,
+        (Some(_), None, _, _) => Kind::Notification,
+        (None, _, Some(_), None) => Kind::Response,
+        (None, _, None, Some(_)) => Kind::Error,
+        _ => {
+            return Err(McpError::NotJsonRpc(
+                "neither a request, a notification nor a response",
+            ));
+        }
+    };
+    let str_param = |key: &str| {
+        params
+            .as_ref()
+            .and_then(|p| p.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let (name, uri) = match method.as_deref() {
+        Some("tools/call" | "prompts/get") => (str_param("name"), None),
+        Some(m) if m.starts_with("resources/") => (None, str_param("uri")),
+        _ => (None, None),
+    };
+    Ok(Message {
+        kind,
+        id,
+        method,
+        name,
+        uri,
+        params,
+        result,
+        error,
+    })
+}
+
+/// The JSON-RPC error body the proxy answers with when the gateway cannot be reached.
+pub fn error_body(id: &Value, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {"code": -32000, "message": message},
+    }))
+    .expect("JSON values serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_tool_call() {
+        let (m, batch) = parse(
+            br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}}"#,
+        )
+        .unwrap();
+        assert!(!batch);
+        assert_eq!(m[0].kind, Kind::Request);
+        assert_eq!(m[0].id, Some(json!(3)));
+        assert_eq!(m[0].method.as_deref(), Some("tools/call"));
+        assert_eq!(m[0].name.as_deref(), Some("add"));
+    }
+
+    #[test]
+    fn resources_name_their_uri() {
+        let (m, _) = parse(
+            br#"{"jsonrpc":"2.0","id":"r1","method":"resources/read","params":{"uri":"config://build"}}"#,
+        )
+        .unwrap();
+        assert_eq!(m[0].uri.as_deref(), Some("config://build"));
+        assert_eq!(m[0].name, None);
+    }
+
+    #[test]
+    fn notifications_responses_and_errors() {
+        let (m, _) = parse(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
+        assert_eq!(m[0].kind, Kind::Notification);
+        let (m, _) = parse(br#"{"jsonrpc":"2.0","id":1,"result":{"ok":true}}"#).unwrap();
+        assert_eq!(
+            (m[0].kind, m[0].result.clone()),
+            (Kind::Response, Some(json!({"ok": true})))
+        );
+        let (m, _) =
+            parse(br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#).unwrap();
+        assert_eq!(m[0].kind, Kind::Error);
+    }
+
+    #[test]
+    fn batches() {
+        let (m, batch) = parse(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/progress","params":{}}]"#,
+        )
+        .unwrap();
+        assert!(batch);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].kind, Kind::Notification);
+    }
+
+    #[test]
+    fn malformed_input_says_why() {
+        assert!(matches!(parse(b"{nope"), Err(McpError::Json(_))));
+        assert!(matches!(parse(b"\xff\xfe"), Err(McpError::Json(_))));
+        assert_eq!(parse(b"[]"), Err(McpError::EmptyBatch));
+        assert!(matches!(parse(b"42"), Err(McpError::NotJsonRpc(_))));
+        assert!(matches!(
+            parse(br#"{"id":1,"method":"x"}"#),
+            Err(McpError::NotJsonRpc(_))
+        ));
+        assert!(matches!(
+            parse(br#"{"jsonrpc":"2.0","id":1}"#),
+            Err(McpError::NotJsonRpc(_))
+        ));
+    }
+
+    #[test]
+    fn error_bodies_are_json_rpc() {
+        let body = error_body(&json!(7), "gateway down");
+        let (m, _) = parse(&body).unwrap();
+        assert_eq!((m[0].kind, m[0].id.clone()), (Kind::Error, Some(json!(7))));
+    }
+}

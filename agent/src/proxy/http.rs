@@ -1,0 +1,716 @@
+//! HTTP/1.1 between a redirected client and its gateway, with MCP understood on the way.
+//!
+//! hyper serves the client and drives one upstream connection per client connection, so
+//! keep-alive, chunked bodies, `Host` and every header pass as they came. A request's
+//! JSON-RPC messages are recorded before it is forwarded. The response streams through to the
+//! client untouched while a copy of its bytes feeds the observer, which decodes JSON or SSE
+//! and records each answer, server request and notification as it passes: the audit never
+//! delays the client's first byte.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{CONTENT_TYPE, HeaderMap};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::audit::AuditLog;
+use crate::audit::record::{
+    Bytes as ByteCounts, Connection, Direction, Event, HttpEvent, HttpInfo, McpEvent, Process,
+    now_rfc3339,
+};
+use crate::mcp::{self, Kind, Message};
+
+/// What every request on one connection shares.
+pub struct Conn {
+    pub audit: AuditLog,
+    pub process: Process,
+    pub connection: Connection,
+    /// Bytes of a body kept for the record; forwarding is never bounded by it.
+    pub capture_limit: usize,
+    /// Prefix of this connection's exchange ids.
+    pub id: String,
+    requests: AtomicU64,
+}
+
+impl Conn {
+    pub fn new(
+        audit: AuditLog,
+        process: Process,
+        connection: Connection,
+        capture_limit: usize,
+        id: String,
+    ) -> Self {
+        Conn {
+            audit,
+            process,
+            connection,
+            capture_limit,
+            id,
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    async fn record(&self, event: Event) {
+        if let Err(e) = self.audit.append(event).await {
+            tracing::error!(error = %e, conn = %self.id, "could not record an MCP exchange");
+        }
+    }
+
+    fn mcp_event(&self, exchange: String, direction: Direction, http: &HttpInfo) -> McpEvent {
+        McpEvent {
+            time: now_rfc3339(),
+            exchange,
+            direction,
+            message: None,
+            process: self.process.clone(),
+            connection: self.connection.clone(),
+            http: http.clone(),
+            jsonrpc_id: None,
+            method: None,
+            name: None,
+            uri: None,
+            params: None,
+            result: None,
+            error: None,
+            batch: false,
+            malformed: None,
+            first_byte_us: None,
+            elapsed_us: None,
+        }
+    }
+
+    fn message_event(
+        &self,
+        exchange: String,
+        direction: Direction,
+        http: &HttpInfo,
+        m: Message,
+        batch: bool,
+    ) -> McpEvent {
+        McpEvent {
+            message: Some(m.kind),
+            jsonrpc_id: m.id,
+            method: m.method,
+            name: m.name,
+            uri: m.uri,
+            params: m.params,
+            result: m.result,
+            error: m.error,
+            batch,
+            ..self.mcp_event(exchange, direction, http)
+        }
+    }
+}
+
+/// Bytes that begin an HTTP/1.x request line. Anything else is relayed raw.
+pub fn looks_like_http(first: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+    ];
+    METHODS
+        .iter()
+        .any(|m| first.len() >= m.len() && first.starts_with(m))
+}
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The gateway side of one client connection. Starts on the connection the proxy opened;
+/// when the gateway closes it between requests (as HTTP/1.1 servers may), the next request
+/// goes over a new one.
+struct Upstream {
+    dst: SocketAddr,
+    mark: u32,
+    sender: Option<hyper::client::conn::http1::SendRequest<ProxyBody>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Upstream {
+    async fn attach<U>(&mut self, io: U) -> Result<(), String>
+    where
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "gateway connection ended with an error");
+            }
+        }));
+        self.sender = Some(sender);
+        Ok(())
+    }
+
+    async fn send(&mut self, mut req: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
+        for _ in 0..2 {
+            if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+                let io = super::upstream::connect(self.dst, self.mark)
+                    .await
+                    .map_err(|e| format!("reconnecting to {}: {e}", self.dst))?;
+                self.attach(io).await?;
+            }
+            let sender = self.sender.as_mut().expect("attached above");
+            if sender.ready().await.is_err() {
+                self.sender = None;
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the connection was gone already; try once more on a new one.
+                    Some(unsent) => {
+                        req = unsent;
+                        self.sender = None;
+                    }
+                    None => return Err(e.into_error().to_string()),
+                },
+            }
+        }
+        Err("the gateway closed every connection offered".into())
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Serves HTTP/1.1 on `client`, forwarding every request to the gateway at `dst`, first over
+/// `upstream`.
+pub async fn serve<C, U>(
+    client: C,
+    upstream: U,
+    dst: SocketAddr,
+    mark: u32,
+    conn: Arc<Conn>,
+) -> Result<(), String>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut gateway = Upstream {
+        dst,
+        mark,
+        sender: None,
+        tasks: Vec::new(),
+    };
+    gateway.attach(upstream).await?;
+    let gateway = Arc::new(tokio::sync::Mutex::new(gateway));
+    let service = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        let gateway = gateway.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(conn, gateway, req).await) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .serve_connection(TokioIo::new(client), service)
+        .with_upgrades()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    header(headers, CONTENT_TYPE.as_str()).is_some_and(|c| c.contains("json"))
+}
+
+async fn handle(
+    conn: Arc<Conn>,
+    gateway: Arc<tokio::sync::Mutex<Upstream>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let t0 = Instant::now();
+    let n = conn.requests.fetch_add(1, Ordering::Relaxed);
+    let base = format!("{}.{n}", conn.id);
+    let (mut parts, body) = req.into_parts();
+    let mut http = HttpInfo {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.to_string(), |p| p.to_string()),
+        session_id: header(&parts.headers, "mcp-session-id"),
+        protocol_version: header(&parts.headers, "mcp-protocol-version"),
+        ..Default::default()
+    };
+    let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let (prefix, rest) = match read_prefix(body, conn.capture_limit).await {
+        Ok(r) => r,
+        Err(e) => {
+            let error = format!("reading the request body failed: {e}");
+            conn.record(http_event(&conn, &http, 0, 0, t0, Some(error.clone())))
+                .await;
+            return text_response(StatusCode::BAD_REQUEST, error);
+        }
+    };
+    let req_bytes = prefix.len() as u64;
+
+    // The request's messages are durable before the gateway sees a byte of them.
+    let mut pending: HashMap<String, String> = HashMap::new();
+    let mut single_id: Option<Value> = None;
+    let mut is_mcp = false;
+    if parts.method == Method::POST {
+        if rest.is_some() {
+            if is_json(&parts.headers) {
+                is_mcp = true;
+                let mut e = conn.mcp_event(format!("{base}.0"), Direction::ClientToServer, &http);
+                e.malformed = Some(format!(
+                    "the body is larger than the capture limit ({} bytes); forwarded, not parsed",
+                    conn.capture_limit
+                ));
+                conn.record(Event::Mcp(Box::new(e))).await;
+            }
+        } else {
+            match mcp::parse(&prefix) {
+                Ok((messages, batch)) => {
+                    is_mcp = true;
+                    if !batch && messages[0].kind == Kind::Request {
+                        single_id = messages[0].id.clone();
+                    }
+                    for (i, m) in messages.into_iter().enumerate() {
+                        let exchange = format!("{base}.{i}");
+                        if let (Kind::Request, Some(id)) = (m.kind, &m.id) {
+                            pending.insert(id.to_string(), exchange.clone());
+                        }
+                        let e = conn.message_event(
+                            exchange,
+                            Direction::ClientToServer,
+                            &http,
+                            m,
+                            batch,
+                        );
+                        conn.record(Event::Mcp(Box::new(e))).await;
+                    }
+                }
+                Err(err) if is_json(&parts.headers) => {
+                    is_mcp = true;
+                    let mut e =
+                        conn.mcp_event(format!("{base}.0"), Direction::ClientToServer, &http);
+                    e.malformed = Some(err.to_string());
+                    conn.record(Event::Mcp(Box::new(e))).await;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    let body = Prefixed {
+        prefix: (!prefix.is_empty()).then_some(prefix),
+        rest,
+    }
+    .boxed();
+    let upstream_req = Request::from_parts(parts, body);
+    let sent = gateway.lock().await.send(upstream_req).await;
+    let resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => {
+            let why = format!("the MCP gateway failed: {e}");
+            tracing::warn!(conn = %conn.id, error = %e, "upstream request failed");
+            for exchange in pending.values() {
+                let mut ev = conn.mcp_event(exchange.clone(), Direction::ServerToClient, &http);
+                ev.message = Some(Kind::Error);
+                ev.error = Some(serde_json::json!({"mcptrail": why}));
+                ev.elapsed_us = Some(t0.elapsed().as_micros() as u64);
+                conn.record(Event::Mcp(Box::new(ev))).await;
+            }
+            if !is_mcp {
+                conn.record(http_event(
+                    &conn,
+                    &http,
+                    req_bytes,
+                    0,
+                    t0,
+                    Some(why.clone()),
+                ))
+                .await;
+            }
+            return match single_id {
+                Some(id) => Response::builder()
+                    .status(StatusCode::BAD_GATEWAY)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(full(mcp::error_body(&id, &format!("mcptrail: {why}"))))
+                    .expect("static response parts"),
+                None => text_response(StatusCode::BAD_GATEWAY, format!("mcptrail: {why}\n")),
+            };
+        }
+    };
+    let first_byte_us = t0.elapsed().as_micros() as u64;
+    http.status = Some(resp.status().as_u16());
+    http.content_type = header(resp.headers(), CONTENT_TYPE.as_str());
+    let mut resp = resp;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        bridge_upgrade(
+            client_upgrade,
+            hyper::upgrade::on(&mut resp),
+            conn.id.clone(),
+        );
+    }
+    let (rparts, rbody) = resp.into_parts();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let observed = Observed {
+        conn: conn.clone(),
+        http,
+        base,
+        pending,
+        t0,
+        first_byte_us,
+        is_mcp,
+        req_bytes,
+        server_messages: 0,
+    };
+    tokio::spawn(observed.run(rx));
+    Response::from_parts(
+        rparts,
+        Tee {
+            inner: rbody,
+            tx: Some(tx),
+        }
+        .boxed(),
+    )
+}
+
+/// WebSocket and other upgrades: once the gateway switched protocols and the client got the
+/// 101, the two raw streams are joined and relayed as they are.
+fn bridge_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    conn: String,
+) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((client, upstream)) => {
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    tracing::debug!(%conn, error = %e, "upgraded stream ended with an error");
+                }
+            }
+            Err(e) => tracing::warn!(%conn, error = %e, "protocol upgrade failed"),
+        }
+    });
+}
+
+fn http_event(
+    conn: &Conn,
+    http: &HttpInfo,
+    req: u64,
+    resp: u64,
+    t0: Instant,
+    error: Option<String>,
+) -> Event {
+    Event::Http(HttpEvent {
+        time: now_rfc3339(),
+        process: conn.process.clone(),
+        connection: conn.connection.clone(),
+        http: http.clone(),
+        bytes: ByteCounts { req, resp },
+        elapsed_us: t0.elapsed().as_micros() as u64,
+        error,
+    })
+}
+
+fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    http_body_util::Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn text_response(status: StatusCode, text: String) -> Response<ProxyBody> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(text))
+        .expect("static response parts")
+}
+
+/// Reads a body until it ends or passes `limit` bytes; returns what was read and, when the
+/// body goes on, the rest of it.
+async fn read_prefix(
+    mut body: Incoming,
+    limit: usize,
+) -> Result<(Bytes, Option<Incoming>), hyper::Error> {
+    let mut buf = BytesMut::new();
+    while buf.len() <= limit {
+        match body.frame().await {
+            None => return Ok((buf.freeze(), None)),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) => return Err(e),
+        }
+    }
+    Ok((buf.freeze(), Some(body)))
+}
+
+/// A request body already partly read: the prefix, then the rest as it comes.
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Option<Incoming>,
+}
+
+impl Body for Prefixed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let Some(rest) = self.rest.as_ref() else {
+            return SizeHint::with_exact(prefix);
+        };
+        let inner = rest.size_hint();
+        let mut hint = SizeHint::new();
+        // Upper first: SizeHint refuses a lower bound above the current upper one.
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint.set_lower(inner.lower() + prefix);
+        hint
+    }
+}
+
+/// The response body on its way to the client, with a copy of every data frame sent to the
+/// observer. The channel is unbounded so that the client never waits on the audit.
+struct Tee {
+    inner: Incoming,
+    tx: Option<mpsc::UnboundedSender<Bytes>>,
+}
+
+impl Body for Tee {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(tx)) = (frame.data_ref(), &self.tx) {
+                    let _ = tx.send(data.clone());
+                }
+            }
+            Poll::Ready(_) => self.tx = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Records what a response carried, from the copy of its bytes.
+struct Observed {
+    conn: Arc<Conn>,
+    http: HttpInfo,
+    base: String,
+    /// Request id (as JSON text) to exchange id, for requests still waiting for an answer.
+    pending: HashMap<String, String>,
+    t0: Instant,
+    first_byte_us: u64,
+    is_mcp: bool,
+    req_bytes: u64,
+    /// Messages the server started (requests, notifications) seen so far.
+    server_messages: u64,
+}
+
+impl Observed {
+    async fn run(mut self, rx: mpsc::UnboundedReceiver<Bytes>) {
+        let sse = self
+            .http
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        let json = self
+            .http
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.contains("json"));
+        let mut resp_bytes = 0u64;
+        if sse {
+            let counted = UnboundedReceiverStream::new(rx)
+                .map(|b: Bytes| Ok::<Bytes, std::convert::Infallible>(b));
+            let mut events = sse_stream::SseByteStream::new(counted);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(event) => {
+                        if let Some(data) = event.data.filter(|d| !d.is_empty()) {
+                            resp_bytes += data.len() as u64;
+                            self.messages(data.as_bytes()).await;
+                        }
+                    }
+                    Err(e) => {
+                        self.malformed(format!("broken SSE stream: {e}")).await;
+                        break;
+                    }
+                }
+            }
+        } else {
+            let mut rx = rx;
+            let mut captured = BytesMut::new();
+            let mut truncated = false;
+            while let Some(chunk) = rx.recv().await {
+                resp_bytes += chunk.len() as u64;
+                if captured.len() + chunk.len() <= self.conn.capture_limit {
+                    captured.extend_from_slice(&chunk);
+                } else {
+                    truncated = true;
+                }
+            }
+            if json && !captured.is_empty() {
+                if truncated {
+                    self.malformed(format!(
+                        "the response is larger than the capture limit ({} bytes); relayed, not parsed",
+                        self.conn.capture_limit
+                    ))
+                    .await;
+                } else {
+                    self.messages(&captured).await;
+                }
+            }
+        }
+        if !self.is_mcp {
+            let e = http_event(
+                &self.conn,
+                &self.http,
+                self.req_bytes,
+                resp_bytes,
+                self.t0,
+                None,
+            );
+            self.conn.record(e).await;
+            return;
+        }
+        // Requests the response ended without answering: say so rather than lose them.
+        let unanswered: Vec<String> = self.pending.drain().map(|(_, ex)| ex).collect();
+        let status = self.http.status.unwrap_or(0);
+        for exchange in unanswered {
+            let mut e = self
+                .conn
+                .mcp_event(exchange, Direction::ServerToClient, &self.http);
+            e.message = Some(Kind::Error);
+            e.error = Some(serde_json::json!({
+                "mcptrail": format!("the response (HTTP {status}) ended without an answer to this request")
+            }));
+            e.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
+            self.conn.record(Event::Mcp(Box::new(e))).await;
+        }
+    }
+
+    async fn messages(&mut self, bytes: &[u8]) {
+        match mcp::parse(bytes) {
+            Ok((messages, batch)) => {
+                for (i, m) in messages.into_iter().enumerate() {
+                    let exchange = match (m.kind, &m.id) {
+                        (Kind::Response | Kind::Error, Some(id)) => self
+                            .pending
+                            .remove(&id.to_string())
+                            .unwrap_or_else(|| format!("{}.s{}", self.base, i)),
+                        _ => {
+                            self.server_messages += 1;
+                            format!("{}.s{}", self.base, self.server_messages)
+                        }
+                    };
+                    let mut e = self.conn.message_event(
+                        exchange,
+                        Direction::ServerToClient,
+                        &self.http,
+                        m,
+                        batch,
+                    );
+                    e.first_byte_us = Some(self.first_byte_us);
+                    e.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
+                    self.conn.record(Event::Mcp(Box::new(e))).await;
+                }
+            }
+            Err(err) => self.malformed(err.to_string()).await,
+        }
+    }
+
+    async fn malformed(&self, why: String) {
+        let mut e = self.conn.mcp_event(
+            format!("{}.m", self.base),
+            Direction::ServerToClient,
+            &self.http,
+        );
+        e.malformed = Some(why);
+        e.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
+        self.conn.record(Event::Mcp(Box::new(e))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_is_told_from_other_bytes() {
+        assert!(looks_like_http(b"POST /mcp HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"GET / HTTP/1.0"));
+        assert!(!looks_like_http(b"\x16\x03\x01\x02\x00"));
+        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
+        assert!(!looks_like_http(b"POS"));
+    }
+}

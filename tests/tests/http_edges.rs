@@ -1,0 +1,187 @@
+//! The proxy's edges, as root through the real redirect: malformed JSON, a gateway that
+//! hangs up mid-call, plain HTTP that is not MCP, and bytes that are not HTTP at all.
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mcptrail::audit::Event;
+use mcptrail::audit::record::Status;
+use mcptrail_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn odd_server(port: u16, mode: &str) -> Reaped {
+    let child = Command::new("python3")
+        .arg(fixture("odd_server.py"))
+        .arg(port.to_string())
+        .arg(mode)
+        .spawn()
+        .unwrap();
+    let server = Reaped(child);
+    wait_listening(&format!("127.0.0.1:{port}"), WAIT);
+    server
+}
+
+fn curl(cgroup: &TestCgroup, args: &[&str]) -> (u32, String) {
+    let child = cgroup
+        .command("curl")
+        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn malformed_json_is_relayed_unchanged_and_recorded() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = mcp_server(port, &[]);
+    let cgroup = TestCgroup::new("malformed");
+    let state = work.path().join("state");
+    let _agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let (pid, out) = curl(
+        &cgroup,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "accept: application/json, text/event-stream",
+            "-d",
+            "{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": ",
+            &url,
+        ],
+    );
+    // The gateway's own answer reaches the client: the proxy did not swallow the request.
+    let status = out.lines().last().unwrap();
+    assert!(status.starts_with('4'), "status {status}: {out}");
+    let rec = wait_for_record(
+        &state,
+        WAIT,
+        "of the malformed request",
+        |r| matches!(&r.event, Event::Mcp(e) if e.process.pid == pid && e.malformed.is_some()),
+    );
+    let Event::Mcp(e) = rec.event else {
+        unreachable!()
+    };
+    assert!(e.malformed.unwrap().contains("not valid UTF-8 JSON"));
+}
+
+#[test]
+fn a_gateway_that_hangs_up_gets_the_client_a_502_with_a_json_rpc_error() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = odd_server(port, "hangup");
+    let cgroup = TestCgroup::new("hangup");
+    let state = work.path().join("state");
+    let _agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
+    let (pid, out) = curl(
+        &cgroup,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"jsonrpc":"2.0","id":"call-7","method":"tools/call","params":{"name":"add"}}"#,
+            &format!("http://127.0.0.1:{port}/mcp"),
+        ],
+    );
+    let (body, status) = out.rsplit_once('\n').unwrap();
+    assert_eq!(status, "502", "{out}");
+    let err: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(err["id"], "call-7");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gateway")
+    );
+
+    let outcome = wait_for_record(
+        &state,
+        WAIT,
+        "of the failed call",
+        |r| matches!(&r.event, Event::Mcp(e) if e.process.pid == pid && e.error.is_some()),
+    );
+    let Event::Mcp(o) = outcome.event else {
+        unreachable!()
+    };
+    let request = records(&state)
+        .into_iter()
+        .find_map(|r| match r.event {
+            Event::Mcp(e) if e.method.as_deref() == Some("tools/call") => Some(*e),
+            _ => None,
+        })
+        .expect("the request was recorded before it was forwarded");
+    assert_eq!(request.exchange, o.exchange);
+    assert_eq!(request.name.as_deref(), Some("add"));
+}
+
+#[test]
+fn plain_http_and_non_http_bytes_are_recorded_for_what_they_are() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("a.txt"), "plain").unwrap();
+    let (web, echo) = (free_port(), free_port());
+    let _web = http_server(site.path(), web);
+    let _echo = odd_server(echo, "echo");
+    let cgroup = TestCgroup::new("plain");
+    let state = work.path().join("state");
+    let _agent = Agent::start(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{web}"), format!("127.0.0.1:{echo}")],
+    );
+
+    let (pid, out) = curl(&cgroup, &[&format!("http://127.0.0.1:{web}/a.txt")]);
+    assert_eq!(out, "plain\n200");
+    let rec = wait_for_record(
+        &state,
+        WAIT,
+        "of the plain GET",
+        |r| matches!(&r.event, Event::Http(e) if e.process.pid == pid),
+    );
+    let Event::Http(h) = rec.event else {
+        unreachable!()
+    };
+    assert_eq!(
+        (h.http.method.as_str(), h.http.path.as_str()),
+        ("GET", "/a.txt")
+    );
+    assert_eq!(h.http.status, Some(200));
+    assert_eq!(h.bytes.resp, 5);
+
+    // Not HTTP: relayed byte for byte, recorded as a connection only.
+    let probe = "import socket,sys; s=socket.create_connection(('127.0.0.1', int(sys.argv[1]))); s.sendall(b'\\x00hello, not http'); print(s.recv(100)); s.close()";
+    let child = cgroup
+        .command("python3")
+        .args(["-c", probe, &echo.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let raw_pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "b'\\x00hello, not http'"
+    );
+    let rec = wait_for_record(
+        &state,
+        WAIT,
+        "of the raw connection",
+        |r| matches!(&r.event, Event::Connection(c) if c.process.pid == raw_pid),
+    );
+    let Event::Connection(c) = rec.event else {
+        unreachable!()
+    };
+    assert_eq!(c.outcome.status, Status::Closed);
+    assert_eq!((c.bytes.req, c.bytes.resp), (16, 16));
+    assert!(!records(&state).iter().any(|r| matches!(&r.event,
+        Event::Http(e) if e.process.pid == raw_pid)));
+}

@@ -1,0 +1,218 @@
+//! MCP through the proxy, end to end and as root, with the official Python SDK on both ends:
+//! its server (Streamable HTTP, with SSE and with JSON responses) and its client, in a child
+//! cgroup. Every JSON-RPC exchange must be in the trail, request and outcome linked.
+use std::process::Stdio;
+use std::time::Duration;
+
+use mcptrail::audit::Event;
+use mcptrail::audit::record::{Direction, McpEvent};
+use mcptrail::mcp::Kind;
+use mcptrail_tests::*;
+
+/// The client's calls, in the order it makes them, as (method, name or uri).
+fn mcp_records(state: &std::path::Path, pid: u32) -> Vec<McpEvent> {
+    records(state)
+        .into_iter()
+        .filter_map(|r| match r.event {
+            Event::Mcp(e) if e.process.pid == pid => Some(*e),
+            _ => None,
+        })
+        .collect()
+}
+
+fn run_client(cgroup: &TestCgroup, port: u16, mode: &str) -> (u32, serde_json::Value) {
+    let child = cgroup
+        .command(mcp_python().to_str().unwrap())
+        .arg(fixture("mcp_client.py"))
+        .arg(format!("http://127.0.0.1:{port}/mcp"))
+        .arg(mode)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the MCP client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn outcome_of<'a>(records: &'a [McpEvent], request: &McpEvent) -> &'a McpEvent {
+    records
+        .iter()
+        .find(|r| r.direction == Direction::ServerToClient && r.exchange == request.exchange)
+        .unwrap_or_else(|| panic!("no outcome for {request:#?}\nrecords: {records:#?}"))
+}
+
+/// How the SDK's client and server talk in one test.
+struct Case<'a> {
+    label: &'a str,
+    server_args: &'a [&'a str],
+    client_mode: &'a str,
+    /// The first request: `server/discover` (2026-07-28) or `initialize` (handshake era).
+    opening: &'a str,
+    protocol_version: Option<&'a str>,
+    response_type: &'a str,
+    session: bool,
+}
+
+fn exercise(case: Case) {
+    let Case {
+        label,
+        server_args: extra,
+        client_mode,
+        opening,
+        protocol_version,
+        response_type,
+        session,
+    } = case;
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = mcp_server(port, extra);
+    let cgroup = TestCgroup::new(label);
+    let state = work.path().join("state");
+    let agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
+
+    let (pid, out) = run_client(&cgroup, port, client_mode);
+    assert_eq!(out["tools"], serde_json::json!(["add", "echo"]));
+    assert_eq!(out["add"], serde_json::json!(["42"]));
+
+    // The outcome of the last call is recorded shortly after the client has it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let all = loop {
+        let all = mcp_records(&state, pid);
+        let done = all
+            .iter()
+            .filter(|r| r.method.as_deref() == Some("prompts/get"))
+            .any(|req| {
+                all.iter()
+                    .any(|o| o.exchange == req.exchange && o.direction == Direction::ServerToClient)
+            });
+        if done || std::time::Instant::now() > deadline {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let find = |method: &str| {
+        all.iter()
+            .find(|r| {
+                r.direction == Direction::ClientToServer && r.method.as_deref() == Some(method)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {method} request in {all:#?}\nagent log:\n{}",
+                    agent.log()
+                )
+            })
+    };
+
+    let open = find(opening);
+    assert_eq!(open.message, Some(Kind::Request));
+    let open_out = outcome_of(&all, open);
+    assert_eq!(open_out.message, Some(Kind::Response));
+    assert!(open_out.first_byte_us.is_some());
+    assert!(
+        open_out
+            .result
+            .as_ref()
+            .unwrap()
+            .to_string()
+            .contains("mcptrail-test-server"),
+        "{open_out:#?}"
+    );
+    if opening == "initialize" {
+        let initialized = find("notifications/initialized");
+        assert_eq!(initialized.message, Some(Kind::Notification));
+    }
+
+    let calls: Vec<&McpEvent> = all
+        .iter()
+        .filter(|r| r.method.as_deref() == Some("tools/call"))
+        .collect();
+    assert_eq!(calls.len(), 2, "{all:#?}");
+    let add = calls
+        .iter()
+        .find(|c| c.name.as_deref() == Some("add"))
+        .unwrap();
+    assert_eq!(
+        add.params.as_ref().unwrap()["arguments"],
+        serde_json::json!({"a": 2, "b": 40})
+    );
+    let add_out = outcome_of(&all, add);
+    assert_eq!(add_out.jsonrpc_id, add.jsonrpc_id);
+    assert_eq!(add_out.result.as_ref().unwrap()["content"][0]["text"], "42");
+
+    let read = find("resources/read");
+    assert_eq!(read.uri.as_deref(), Some("config://build"));
+    assert!(outcome_of(&all, read).result.is_some());
+    let prompt = find("prompts/get");
+    assert_eq!(prompt.name.as_deref(), Some("review"));
+
+    let add_http = &add_out.http;
+    assert!(
+        add_http
+            .content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with(response_type)),
+        "{add_http:?}"
+    );
+    assert_eq!(add_http.status, Some(200));
+    assert_eq!(add.http.protocol_version.as_deref(), protocol_version);
+    assert_eq!(add.http.session_id.is_some(), session, "{add:#?}");
+    for r in &all {
+        assert!(r.process.comm.starts_with("python"), "{}", r.process.comm);
+        assert_eq!(r.http.method, "POST");
+        assert_eq!(r.http.path, "/mcp");
+        assert!(r.malformed.is_none(), "{r:#?}");
+        assert_eq!(r.connection.original_dst, format!("127.0.0.1:{port}"));
+    }
+    // The connection itself is recorded too, when it closes.
+    let connections = records(&state)
+        .into_iter()
+        .filter(|r| matches!(&r.event, Event::Connection(c) if c.process.pid == pid))
+        .count();
+    assert!(connections >= 1);
+}
+
+#[test]
+fn protocol_2026_07_28_stateless_discover() {
+    exercise(Case {
+        label: "mcp-modern",
+        server_args: &[],
+        client_mode: "auto",
+        opening: "server/discover",
+        protocol_version: Some("2026-07-28"),
+        response_type: "application/json",
+        session: false,
+    });
+}
+
+#[test]
+fn handshake_era_with_sessions_and_sse_responses() {
+    exercise(Case {
+        label: "mcp-sse",
+        server_args: &[],
+        client_mode: "legacy",
+        opening: "initialize",
+        protocol_version: Some("2025-11-25"),
+        response_type: "text/event-stream",
+        session: true,
+    });
+}
+
+#[test]
+fn handshake_era_with_json_responses() {
+    exercise(Case {
+        label: "mcp-json",
+        server_args: &["--json-response"],
+        client_mode: "legacy",
+        opening: "initialize",
+        protocol_version: Some("2025-11-25"),
+        response_type: "application/json",
+        session: true,
+    });
+}
