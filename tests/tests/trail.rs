@@ -70,9 +70,15 @@ fn the_agent_signs_its_trail_and_verify_catches_an_edit() {
     let out = mcptrail(&state, &["verify"]);
     assert!(out.status.success(), "{}", text(&out));
     let said = text(&out);
-    assert!(said.starts_with("OK: 5 records (1..5)"), "{said}");
+    // agent_start, then an `http` and a `connection` record per curl, then agent_stop.
+    let n = records(&state).len();
+    assert_eq!(n, 8);
     assert!(
-        said.contains("newest covers record 5; 0 newer records"),
+        said.starts_with(&format!("OK: {n} records (1..{n})")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("newest covers record {n}; 0 newer records")),
         "{said}"
     );
 
