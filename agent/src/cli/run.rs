@@ -265,6 +265,7 @@ async fn serve(
             mark: args.upstream_mark,
             capture_limit: args.capture_limit,
         },
+        tracker.clone(),
     )?;
     let stats = proxy.stats();
     let server = tokio::spawn(proxy.serve(stop_accepting.clone(), cut.clone(), tracker.clone()));

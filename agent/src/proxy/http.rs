@@ -46,6 +46,8 @@ pub struct Conn {
     /// Prefix of this connection's exchange ids.
     pub id: String,
     requests: AtomicU64,
+    /// Observers run here, so that a stopping agent waits for their records.
+    tracker: tokio_util::task::TaskTracker,
 }
 
 impl Conn {
@@ -55,6 +57,7 @@ impl Conn {
         connection: Connection,
         capture_limit: usize,
         id: String,
+        tracker: tokio_util::task::TaskTracker,
     ) -> Self {
         Conn {
             audit,
@@ -63,6 +66,7 @@ impl Conn {
             capture_limit,
             id,
             requests: AtomicU64::new(0),
+            tracker,
         }
     }
 
@@ -395,7 +399,7 @@ async fn handle(
         req_bytes,
         server_messages: 0,
     };
-    tokio::spawn(observed.run(rx));
+    conn.tracker.spawn(observed.run(rx));
     Response::from_parts(
         rparts,
         Tee {

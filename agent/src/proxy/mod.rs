@@ -98,6 +98,8 @@ struct Shared {
     connections: AtomicU64,
     /// Distinguishes this run's exchange ids from other runs'.
     run_id: String,
+    /// Where connection tasks and response observers run; the agent waits on it at stop.
+    tracker: TaskTracker,
 }
 
 pub struct Proxy {
@@ -117,6 +119,7 @@ impl Proxy {
         interceptor: Arc<Interceptor>,
         audit: AuditLog,
         settings: Settings,
+        tracker: TaskTracker,
     ) -> std::io::Result<Self> {
         let locals = listeners
             .iter()
@@ -132,6 +135,7 @@ impl Proxy {
                 stats: Arc::default(),
                 connections: AtomicU64::new(0),
                 run_id: format!("{:x}", chrono::Utc::now().timestamp()),
+                tracker,
             }),
         })
     }
@@ -295,6 +299,7 @@ impl Shared {
                             conn_info,
                             self.settings.capture_limit,
                             format!("{}.{n}", self.run_id),
+                            self.tracker.clone(),
                         ));
                         let client = relay::Counted::new(client, counts.clone());
                         http::serve(client, upstream, dst, self.settings.mark, conn).await
