@@ -20,12 +20,19 @@ fn mcp_records(state: &std::path::Path, pid: u32) -> Vec<McpEvent> {
         .collect()
 }
 
-fn run_client(cgroup: &TestCgroup, port: u16, mode: &str) -> (u32, serde_json::Value) {
-    let child = cgroup
-        .command(mcp_python().to_str().unwrap())
-        .arg(fixture("mcp_client.py"))
-        .arg(format!("http://127.0.0.1:{port}/mcp"))
-        .arg(mode)
+fn run_client(cgroup: &TestCgroup, port: u16, case: &Case) -> (u32, serde_json::Value) {
+    let path = if case.sse_transport { "sse" } else { "mcp" };
+    let mut cmd = cgroup.command(mcp_python().to_str().unwrap());
+    cmd.arg(fixture("mcp_client.py"))
+        .arg(format!("http://127.0.0.1:{port}/{path}"))
+        .arg(case.client_mode);
+    if case.sse_transport {
+        cmd.arg("--sse");
+    }
+    if case.sampling {
+        cmd.arg("--sampling");
+    }
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -57,17 +64,23 @@ struct Case<'a> {
     protocol_version: Option<&'a str>,
     response_type: &'a str,
     session: bool,
+    /// The legacy HTTP+SSE transport (GET /sse, POST /messages/).
+    sse_transport: bool,
+    /// Also call a tool whose server asks the client's model (sampling).
+    sampling: bool,
 }
 
 fn exercise(case: Case) {
     let Case {
         label,
         server_args: extra,
-        client_mode,
         opening,
         protocol_version,
         response_type,
         session,
+        sse_transport,
+        sampling,
+        ..
     } = case;
     require_root();
     let work = tempfile::tempdir().unwrap();
@@ -77,17 +90,26 @@ fn exercise(case: Case) {
     let state = work.path().join("state");
     let agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
 
-    let (pid, out) = run_client(&cgroup, port, client_mode);
-    assert_eq!(out["tools"], serde_json::json!(["add", "echo"]));
+    let (pid, out) = run_client(&cgroup, port, &case);
+    assert_eq!(
+        out["tools"],
+        serde_json::json!(["add", "echo", "summarize"])
+    );
     assert_eq!(out["add"], serde_json::json!(["42"]));
 
     // The outcome of the last call is recorded shortly after the client has it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let all = loop {
         let all = mcp_records(&state, pid);
+        let last = if sampling {
+            "tools/call"
+        } else {
+            "prompts/get"
+        };
         let done = all
             .iter()
-            .filter(|r| r.method.as_deref() == Some("prompts/get"))
+            .filter(|r| r.method.as_deref() == Some(last))
+            .filter(|r| !sampling || r.name.as_deref() == Some("summarize"))
             .any(|req| {
                 all.iter()
                     .any(|o| o.exchange == req.exchange && o.direction == Direction::ServerToClient)
@@ -133,7 +155,7 @@ fn exercise(case: Case) {
         .iter()
         .filter(|r| r.method.as_deref() == Some("tools/call"))
         .collect();
-    assert_eq!(calls.len(), 2, "{all:#?}");
+    assert_eq!(calls.len(), if sampling { 3 } else { 2 }, "{all:#?}");
     let add = calls
         .iter()
         .find(|c| c.name.as_deref() == Some("add"))
@@ -152,6 +174,43 @@ fn exercise(case: Case) {
     let prompt = find("prompts/get");
     assert_eq!(prompt.name.as_deref(), Some("review"));
 
+    if sampling {
+        // The server asks the client's model in the middle of the call; the client's answer
+        // comes back in a POST of its own and is linked to the server's request.
+        let ask = all
+            .iter()
+            .find(|r| {
+                r.direction == Direction::ServerToClient
+                    && r.method.as_deref() == Some("sampling/createMessage")
+            })
+            .unwrap_or_else(|| panic!("no sampling request in {all:#?}"));
+        assert_eq!(ask.message, Some(Kind::Request));
+        let answer = all
+            .iter()
+            .find(|r| r.direction == Direction::ClientToServer && r.exchange == ask.exchange)
+            .unwrap_or_else(|| panic!("the client's answer is not linked: {all:#?}"));
+        assert_eq!(answer.message, Some(Kind::Response));
+        assert_eq!(
+            answer.result.as_ref().unwrap()["model"],
+            "canned-test-model"
+        );
+        assert_eq!(out["progress"], serde_json::json!([0.5]));
+        let progress = all
+            .iter()
+            .find(|r| r.method.as_deref() == Some("notifications/progress"))
+            .unwrap_or_else(|| panic!("no progress notification in {all:#?}"));
+        assert_eq!(progress.direction, Direction::ServerToClient);
+        assert_eq!(progress.message, Some(Kind::Notification));
+        let summarize = calls
+            .iter()
+            .find(|c| c.name.as_deref() == Some("summarize"))
+            .unwrap();
+        let done = outcome_of(&all, summarize);
+        assert_eq!(
+            done.result.as_ref().unwrap()["content"][0]["text"],
+            "a short summary"
+        );
+    }
     let add_http = &add_out.http;
     assert!(
         add_http
@@ -163,10 +222,24 @@ fn exercise(case: Case) {
     assert_eq!(add_http.status, Some(200));
     assert_eq!(add.http.protocol_version.as_deref(), protocol_version);
     assert_eq!(add.http.session_id.is_some(), session, "{add:#?}");
+    if sse_transport {
+        // Posted to the session's message endpoint, answered on the GET stream.
+        assert!(
+            add.http.path.starts_with("/messages/?session_id="),
+            "{add:#?}"
+        );
+        assert_eq!(
+            (add_out.http.method.as_str(), add_out.http.path.as_str()),
+            ("GET", "/sse")
+        );
+    }
     for r in &all {
         assert!(r.process.comm.starts_with("python"), "{}", r.process.comm);
-        assert_eq!(r.http.method, "POST");
-        assert_eq!(r.http.path, "/mcp");
+        if !sse_transport {
+            // POSTs, and the GET stream a handshake-era client opens for the server's messages.
+            assert!(["POST", "GET"].contains(&r.http.method.as_str()), "{r:#?}");
+            assert_eq!(r.http.path, "/mcp");
+        }
         assert!(r.malformed.is_none(), "{r:#?}");
         assert_eq!(r.connection.original_dst, format!("127.0.0.1:{port}"));
     }
@@ -188,11 +261,13 @@ fn protocol_2026_07_28_stateless_discover() {
         protocol_version: Some("2026-07-28"),
         response_type: "application/json",
         session: false,
+        sse_transport: false,
+        sampling: false,
     });
 }
 
 #[test]
-fn handshake_era_with_sessions_and_sse_responses() {
+fn handshake_era_with_sessions_sse_responses_and_a_server_request() {
     exercise(Case {
         label: "mcp-sse",
         server_args: &[],
@@ -201,6 +276,8 @@ fn handshake_era_with_sessions_and_sse_responses() {
         protocol_version: Some("2025-11-25"),
         response_type: "text/event-stream",
         session: true,
+        sse_transport: false,
+        sampling: true,
     });
 }
 
@@ -214,5 +291,22 @@ fn handshake_era_with_json_responses() {
         protocol_version: Some("2025-11-25"),
         response_type: "application/json",
         session: true,
+        sse_transport: false,
+        sampling: false,
+    });
+}
+
+#[test]
+fn legacy_http_and_sse_transport_with_a_server_request() {
+    exercise(Case {
+        label: "mcp-legacy-sse",
+        server_args: &["--transport", "sse"],
+        client_mode: "legacy",
+        opening: "initialize",
+        protocol_version: None,
+        response_type: "text/event-stream",
+        session: false,
+        sse_transport: true,
+        sampling: true,
     });
 }

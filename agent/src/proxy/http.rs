@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::correlate::{Correlator, session_key};
 use crate::audit::AuditLog;
 use crate::audit::record::{
     Bytes as ByteCounts, Connection, Direction, Event, HttpEvent, HttpInfo, McpEvent, Process,
@@ -48,6 +49,7 @@ pub struct Conn {
     requests: AtomicU64,
     /// Observers run here, so that a stopping agent waits for their records.
     tracker: tokio_util::task::TaskTracker,
+    correlator: Arc<Correlator>,
 }
 
 impl Conn {
@@ -58,6 +60,7 @@ impl Conn {
         capture_limit: usize,
         id: String,
         tracker: tokio_util::task::TaskTracker,
+        correlator: Arc<Correlator>,
     ) -> Self {
         Conn {
             audit,
@@ -67,6 +70,7 @@ impl Conn {
             id,
             requests: AtomicU64::new(0),
             tracker,
+            correlator,
         }
     }
 
@@ -283,6 +287,7 @@ async fn handle(
         }
     };
     let req_bytes = prefix.len() as u64;
+    let session = session_key(http.session_id.as_deref(), &http.path);
 
     // The request's messages are durable before the gateway sees a byte of them.
     let mut pending: HashMap<String, String> = HashMap::new();
@@ -307,9 +312,30 @@ async fn handle(
                         single_id = messages[0].id.clone();
                     }
                     for (i, m) in messages.into_iter().enumerate() {
-                        let exchange = format!("{base}.{i}");
-                        if let (Kind::Request, Some(id)) = (m.kind, &m.id) {
-                            pending.insert(id.to_string(), exchange.clone());
+                        let mut exchange = format!("{base}.{i}");
+                        match (m.kind, &m.id, &session) {
+                            (Kind::Request, Some(id), _) => {
+                                pending.insert(id.to_string(), exchange.clone());
+                                if let Some(session) = &session {
+                                    conn.correlator.open(
+                                        session,
+                                        Direction::ClientToServer,
+                                        &id.to_string(),
+                                        &exchange,
+                                    );
+                                }
+                            }
+                            // The client answering a request the server sent earlier.
+                            (Kind::Response | Kind::Error, Some(id), Some(session)) => {
+                                if let Some(ex) = conn.correlator.close(
+                                    session,
+                                    Direction::ServerToClient,
+                                    &id.to_string(),
+                                ) {
+                                    exchange = ex;
+                                }
+                            }
+                            _ => {}
                         }
                         let e = conn.message_event(
                             exchange,
@@ -398,6 +424,7 @@ async fn handle(
         is_mcp,
         req_bytes,
         server_messages: 0,
+        session,
     };
     conn.tracker.spawn(observed.run(rx));
     Response::from_parts(
@@ -578,6 +605,8 @@ struct Observed {
     req_bytes: u64,
     /// Messages the server started (requests, notifications) seen so far.
     server_messages: u64,
+    /// The MCP session, for answers that belong to requests sent on other exchanges.
+    session: Option<String>,
 }
 
 impl Observed {
@@ -600,10 +629,19 @@ impl Observed {
             while let Some(event) = events.next().await {
                 match event {
                     Ok(event) => {
-                        if let Some(data) = event.data.filter(|d| !d.is_empty()) {
-                            resp_bytes += data.len() as u64;
-                            self.messages(data.as_bytes()).await;
+                        let Some(data) = event.data.filter(|d| !d.is_empty()) else {
+                            continue;
+                        };
+                        resp_bytes += data.len() as u64;
+                        if event.event.as_deref() == Some("endpoint") {
+                            // Legacy HTTP+SSE: the stream names the URL to POST to, and with
+                            // it the session its answers belong to.
+                            if let Some(s) = session_key(None, &data) {
+                                self.session = Some(s);
+                            }
+                            continue;
                         }
+                        self.messages(data.as_bytes()).await;
                     }
                     Err(e) => {
                         self.malformed(format!("broken SSE stream: {e}")).await;
@@ -647,9 +685,21 @@ impl Observed {
             self.conn.record(e).await;
             return;
         }
-        // Requests the response ended without answering: say so rather than lose them.
-        let unanswered: Vec<String> = self.pending.drain().map(|(_, ex)| ex).collect();
         let status = self.http.status.unwrap_or(0);
+        // 202 Accepted: the answers come on another stream; the correlator links them.
+        if status == 202 {
+            return;
+        }
+        // Requests the response ended without answering: say so rather than lose them.
+        let unanswered: Vec<(String, String)> = self.pending.drain().collect();
+        for (id, _) in &unanswered {
+            if let Some(session) = &self.session {
+                self.conn
+                    .correlator
+                    .close(session, Direction::ClientToServer, id);
+            }
+        }
+        let unanswered: Vec<String> = unanswered.into_iter().map(|(_, ex)| ex).collect();
         for exchange in unanswered {
             let mut e = self
                 .conn
@@ -668,13 +718,31 @@ impl Observed {
             Ok((messages, batch)) => {
                 for (i, m) in messages.into_iter().enumerate() {
                     let exchange = match (m.kind, &m.id) {
-                        (Kind::Response | Kind::Error, Some(id)) => self
-                            .pending
-                            .remove(&id.to_string())
-                            .unwrap_or_else(|| format!("{}.s{}", self.base, i)),
+                        (Kind::Response | Kind::Error, Some(id)) => {
+                            let id = id.to_string();
+                            let here = self.pending.remove(&id);
+                            let elsewhere = self.session.as_ref().and_then(|s| {
+                                self.conn
+                                    .correlator
+                                    .close(s, Direction::ClientToServer, &id)
+                            });
+                            here.or(elsewhere)
+                                .unwrap_or_else(|| format!("{}.a{}", self.base, i))
+                        }
                         _ => {
                             self.server_messages += 1;
-                            format!("{}.s{}", self.base, self.server_messages)
+                            let exchange = format!("{}.s{}", self.base, self.server_messages);
+                            if let (Kind::Request, Some(id), Some(session)) =
+                                (m.kind, &m.id, &self.session)
+                            {
+                                self.conn.correlator.open(
+                                    session,
+                                    Direction::ServerToClient,
+                                    &id.to_string(),
+                                    &exchange,
+                                );
+                            }
+                            exchange
                         }
                     };
                     let mut e = self.conn.message_event(

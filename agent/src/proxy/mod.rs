@@ -5,6 +5,7 @@
 //! is refused and the refusal recorded, so the agent is never an open relay.
 #![forbid(unsafe_code)]
 
+pub mod correlate;
 pub mod http;
 pub mod relay;
 pub mod upstream;
@@ -100,6 +101,8 @@ struct Shared {
     run_id: String,
     /// Where connection tasks and response observers run; the agent waits on it at stop.
     tracker: TaskTracker,
+    /// Requests waiting for answers that may come on another exchange or connection.
+    correlator: Arc<correlate::Correlator>,
 }
 
 pub struct Proxy {
@@ -136,6 +139,7 @@ impl Proxy {
                 connections: AtomicU64::new(0),
                 run_id: format!("{:x}", chrono::Utc::now().timestamp()),
                 tracker,
+                correlator: Arc::default(),
             }),
         })
     }
@@ -300,6 +304,7 @@ impl Shared {
                             self.settings.capture_limit,
                             format!("{}.{n}", self.run_id),
                             self.tracker.clone(),
+                            self.correlator.clone(),
                         ));
                         let client = relay::Counted::new(client, counts.clone());
                         http::serve(client, upstream, dst, self.settings.mark, conn).await

@@ -1,0 +1,111 @@
+//! Links answers to the requests they answer across HTTP exchanges and connections: a
+//! response can arrive on another stream than its request (the legacy SSE transport, a GET
+//! stream, a resumed stream), and a client answers a server's request with a POST of its own.
+//! Keyed by session, the direction of the request, and its JSON-RPC id.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use crate::audit::record::Direction;
+
+/// Requests remembered at most; the oldest are forgotten first (their answers then get an
+/// exchange of their own, and the records still show the id).
+const CAPACITY: usize = 100_000;
+
+type Key = (String, Direction, String);
+
+#[derive(Default)]
+pub struct Correlator {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    open: HashMap<Key, String>,
+    order: VecDeque<Key>,
+}
+
+impl Correlator {
+    /// Remembers that `exchange` is the request `id` sent in `direction` within `session`.
+    pub fn open(&self, session: &str, direction: Direction, id: &str, exchange: &str) {
+        let key = (session.to_owned(), direction, id.to_owned());
+        let mut inner = self.inner.lock().expect("correlator lock poisoned");
+        if inner
+            .open
+            .insert(key.clone(), exchange.to_owned())
+            .is_none()
+        {
+            inner.order.push_back(key);
+        }
+        while inner.order.len() > CAPACITY {
+            if let Some(old) = inner.order.pop_front() {
+                inner.open.remove(&old);
+            }
+        }
+    }
+
+    /// The exchange of the request in `request_direction` that an answer with `id` closes.
+    pub fn close(&self, session: &str, request_direction: Direction, id: &str) -> Option<String> {
+        let key = (session.to_owned(), request_direction, id.to_owned());
+        let mut inner = self.inner.lock().expect("correlator lock poisoned");
+        let exchange = inner.open.remove(&key)?;
+        if let Some(pos) = inner.order.iter().position(|k| *k == key) {
+            inner.order.remove(pos);
+        }
+        Some(exchange)
+    }
+}
+
+/// The session a request belongs to: `Mcp-Session-Id`, or the `session_id`/`sessionId` query
+/// parameter of the legacy HTTP+SSE transport's message endpoint.
+pub fn session_key(session_header: Option<&str>, path: &str) -> Option<String> {
+    if let Some(s) = session_header {
+        return Some(s.to_owned());
+    }
+    let query = path.split_once('?')?.1;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        matches!(k, "session_id" | "sessionId").then(|| v.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_close_their_requests_once() {
+        let c = Correlator::default();
+        c.open("s1", Direction::ClientToServer, "7", "ex-7");
+        assert_eq!(
+            c.close("s2", Direction::ClientToServer, "7"),
+            None,
+            "other session"
+        );
+        assert_eq!(
+            c.close("s1", Direction::ServerToClient, "7"),
+            None,
+            "other direction"
+        );
+        assert_eq!(
+            c.close("s1", Direction::ClientToServer, "7").as_deref(),
+            Some("ex-7")
+        );
+        assert_eq!(c.close("s1", Direction::ClientToServer, "7"), None);
+    }
+
+    #[test]
+    fn sessions_come_from_the_header_or_the_legacy_query() {
+        assert_eq!(session_key(Some("abc"), "/mcp").as_deref(), Some("abc"));
+        assert_eq!(
+            session_key(None, "/messages/?session_id=f00d").as_deref(),
+            Some("f00d")
+        );
+        assert_eq!(
+            session_key(None, "/m?x=1&sessionId=42").as_deref(),
+            Some("42")
+        );
+        assert_eq!(session_key(None, "/mcp"), None);
+    }
+}
