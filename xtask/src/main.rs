@@ -39,6 +39,9 @@ enum Task {
     /// Set up, build, and run the benchmarks (root): each compares against the direct path in
     /// the same run and reports ratios. See BENCHMARKS.md.
     Bench,
+    /// Set up, build, and show mcptrail at work (root): a real MCP server, the agent on a
+    /// child cgroup of its own, a real MCP client, the trail they leave, and its verification.
+    Demo,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,18 +73,20 @@ fn main() -> anyhow::Result<()> {
         Task::Bench => {
             setup::run()?;
             build()?;
-            run_checked(cargo().args([
-                "build",
-                "--package",
-                "mcptrail-tests",
-                "--bin",
-                "bench-connect",
-            ]))?;
-            run_checked(&mut Command::new(
-                target_dir().join("debug").join("bench-connect"),
-            ))
+            run_tests_bin("bench-connect")
+        }
+        Task::Demo => {
+            setup::run()?;
+            build()?;
+            run_tests_bin("demo")
         }
     }
+}
+
+/// Builds and runs one of the tests crate's programs (they drive the real agent binary).
+fn run_tests_bin(name: &str) -> anyhow::Result<()> {
+    run_checked(cargo().args(["build", "--package", "mcptrail-tests", "--bin", name]))?;
+    run_checked(&mut Command::new(target_dir().join("debug").join(name)))
 }
 
 /// The workspace root (xtask lives one folder below it).
