@@ -185,3 +185,47 @@ fn plain_http_and_non_http_bytes_are_recorded_for_what_they_are() {
     assert!(!records(&state).iter().any(|r| matches!(&r.event,
         Event::Http(e) if e.process.pid == raw_pid)));
 }
+
+#[test]
+fn mirror_headers_that_disagree_with_the_body_are_recorded() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = mcp_server(port, &[]);
+    let cgroup = TestCgroup::new("mismatch");
+    let state = work.path().join("state");
+    let _agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
+    let (pid, _) = curl(
+        &cgroup,
+        &[
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "accept: application/json, text/event-stream",
+            "-H",
+            "mcp-protocol-version: 2026-07-28",
+            "-H",
+            "mcp-method: tools/call",
+            "-H",
+            "mcp-name: echo",
+            "-d",
+            r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#,
+            &format!("http://127.0.0.1:{port}/mcp"),
+        ],
+    );
+    let rec = wait_for_record(
+        &state,
+        WAIT,
+        "of the mismatched call",
+        |r| matches!(&r.event, Event::Mcp(e) if e.process.pid == pid && e.method.is_some()),
+    );
+    let Event::Mcp(e) = rec.event else {
+        unreachable!()
+    };
+    assert_eq!(e.name.as_deref(), Some("add"));
+    let why = e.header_mismatch.expect("the mismatch is recorded");
+    assert!(
+        why.contains("Mcp-Name is \"echo\" but the body names \"add\""),
+        "{why}"
+    );
+}

@@ -222,6 +222,12 @@ fn exercise(case: Case) {
     assert_eq!(add_http.status, Some(200));
     assert_eq!(add.http.protocol_version.as_deref(), protocol_version);
     assert_eq!(add.http.session_id.is_some(), session, "{add:#?}");
+    if opening == "server/discover" {
+        // 2026-07-28 mirrors the method and name in headers; they agree with the body.
+        assert_eq!(add.http.mcp_method.as_deref(), Some("tools/call"));
+        assert_eq!(add.http.mcp_name.as_deref(), Some("add"));
+    }
+    assert!(all.iter().all(|r| r.header_mismatch.is_none()), "{all:#?}");
     if sse_transport {
         // Posted to the session's message endpoint, answered on the GET stream.
         assert!(

@@ -229,6 +229,12 @@ pub struct HttpInfo {
     /// `MCP-Protocol-Version`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<String>,
+    /// `Mcp-Method` (2026-07-28): the method, mirrored in a header for gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_method: Option<String>,
+    /// `Mcp-Name` (2026-07-28): the tool or prompt name or resource URI, mirrored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp_name: Option<String>,
     /// Response `Content-Type` (for example `text/event-stream`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
@@ -272,6 +278,10 @@ pub struct McpEvent {
     /// Part of a JSON-RPC batch.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub batch: bool,
+    /// The `Mcp-Method`/`Mcp-Name` headers disagree with the body (relayed as they were; a
+    /// gateway routing by header would act on something else than the body says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_mismatch: Option<String>,
     /// Why the bytes were not understood (they were relayed unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub malformed: Option<String>,

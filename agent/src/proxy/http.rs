@@ -97,6 +97,7 @@ impl Conn {
             result: None,
             error: None,
             batch: false,
+            header_mismatch: None,
             malformed: None,
             first_byte_us: None,
             elapsed_us: None,
@@ -280,6 +281,8 @@ async fn handle(
             .map_or_else(|| parts.uri.to_string(), |p| p.to_string()),
         session_id: header(&parts.headers, "mcp-session-id"),
         protocol_version: header(&parts.headers, "mcp-protocol-version"),
+        mcp_method: header(&parts.headers, "mcp-method"),
+        mcp_name: header(&parts.headers, "mcp-name"),
         ..Default::default()
     };
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
@@ -343,13 +346,19 @@ async fn handle(
                             }
                             _ => {}
                         }
-                        let e = conn.message_event(
+                        let mismatch = if batch {
+                            None
+                        } else {
+                            header_mismatch(&http, &m)
+                        };
+                        let mut e = conn.message_event(
                             exchange,
                             Direction::ClientToServer,
                             &http,
                             m,
                             batch,
                         );
+                        e.header_mismatch = mismatch;
                         conn.record(Event::Mcp(Box::new(e))).await;
                     }
                 }
@@ -462,6 +471,29 @@ fn bridge_upgrade(
             Err(e) => tracing::warn!(%conn, error = %e, "protocol upgrade failed"),
         }
     });
+}
+
+/// Where the 2026-07-28 mirror headers say something else than the body.
+fn header_mismatch(http: &HttpInfo, m: &Message) -> Option<String> {
+    let mut problems = Vec::new();
+    if let Some(h) = &http.mcp_method
+        && m.method.as_deref() != Some(h.as_str())
+    {
+        problems.push(format!(
+            "Mcp-Method is {h:?} but the body's method is {:?}",
+            m.method.as_deref().unwrap_or("")
+        ));
+    }
+    let body_name = m.name.as_deref().or(m.uri.as_deref());
+    if let Some(h) = &http.mcp_name
+        && body_name != Some(h.as_str())
+    {
+        problems.push(format!(
+            "Mcp-Name is {h:?} but the body names {:?}",
+            body_name.unwrap_or("")
+        ));
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 fn http_event(
@@ -782,6 +814,35 @@ impl Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_headers_are_compared_with_the_body() {
+        let (m, _) = mcp::parse(
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add"}}"#,
+        )
+        .unwrap();
+        let mut http = HttpInfo {
+            mcp_method: Some("tools/call".into()),
+            mcp_name: Some("add".into()),
+            ..Default::default()
+        };
+        assert_eq!(header_mismatch(&http, &m[0]), None);
+        http.mcp_name = Some("rm_rf".into());
+        let why = header_mismatch(&http, &m[0]).unwrap();
+        assert!(why.contains("Mcp-Name is \"rm_rf\""), "{why}");
+        http.mcp_method = Some("tools/list".into());
+        assert!(
+            header_mismatch(&http, &m[0])
+                .unwrap()
+                .contains("Mcp-Method")
+        );
+        let none = HttpInfo::default();
+        assert_eq!(
+            header_mismatch(&none, &m[0]),
+            None,
+            "no headers, nothing to compare"
+        );
+    }
 
     #[test]
     fn http_is_told_from_other_bytes() {
