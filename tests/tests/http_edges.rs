@@ -229,3 +229,72 @@ fn mirror_headers_that_disagree_with_the_body_are_recorded() {
         "{why}"
     );
 }
+
+/// Sends `head`, expects a status line starting with `expect`, then checks that raw bytes
+/// written afterwards come back from the echoing gateway.
+const SWITCH_PROBE: &str = "
+import socket, sys
+s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 10)
+s.sendall(sys.argv[2].encode().decode('unicode_escape').encode())
+data = b''
+while b'\\r\\n\\r\\n' not in data:
+    data += s.recv(4096)
+head, rest = data.split(b'\\r\\n\\r\\n', 1)
+print(head.split(b'\\r\\n')[0].decode())
+s.sendall(b'raw bytes after the switch')
+while len(rest) < 26:
+    rest += s.recv(4096)
+print(rest.decode())
+";
+
+#[test]
+fn upgrades_and_connect_tunnels_are_relayed_after_the_switch() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = odd_server(port, "switch");
+    let cgroup = TestCgroup::new("switch");
+    let state = work.path().join("state");
+    let _agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
+    for (head, status) in [
+        (
+            "GET /chat HTTP/1.1\\r\\nHost: gw\\r\\nConnection: Upgrade\\r\\nUpgrade: echo\\r\\n\\r\\n",
+            "HTTP/1.1 101 Switching Protocols",
+        ),
+        (
+            "CONNECT inner:443 HTTP/1.1\\r\\nHost: inner:443\\r\\n\\r\\n",
+            "HTTP/1.1 200 Connection established",
+        ),
+    ] {
+        let out = cgroup
+            .command("python3")
+            .args(["-c", SWITCH_PROBE, &port.to_string(), head])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut lines = said.lines();
+        assert_eq!(lines.next(), Some(status), "{said}");
+        assert_eq!(lines.next(), Some("raw bytes after the switch"), "{said}");
+    }
+    // Both went through the proxy, not around it.
+    let through = || {
+        records(&state)
+            .iter()
+            .filter(|r| matches!(&r.event, Event::Connection(_)))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while through() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:#?}",
+            records(&state)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

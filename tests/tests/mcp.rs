@@ -50,7 +50,11 @@ fn run_client(cgroup: &TestCgroup, port: u16, case: &Case) -> (u32, serde_json::
 fn outcome_of<'a>(records: &'a [McpEvent], request: &McpEvent) -> &'a McpEvent {
     records
         .iter()
-        .find(|r| r.direction == Direction::ServerToClient && r.exchange == request.exchange)
+        .find(|r| {
+            r.direction == Direction::ServerToClient
+                && r.exchange == request.exchange
+                && matches!(r.message, Some(Kind::Response | Kind::Error))
+        })
         .unwrap_or_else(|| panic!("no outcome for {request:#?}\nrecords: {records:#?}"))
 }
 
@@ -205,6 +209,10 @@ fn exercise(case: Case) {
             .iter()
             .find(|c| c.name.as_deref() == Some("summarize"))
             .unwrap();
+        assert_eq!(
+            progress.exchange, summarize.exchange,
+            "progress is linked to the call it reports on"
+        );
         let done = outcome_of(&all, summarize);
         assert_eq!(
             done.result.as_ref().unwrap()["content"][0]["text"],

@@ -57,6 +57,37 @@ impl Correlator {
     }
 }
 
+impl Correlator {
+    /// The exchange of an open request, without closing it: a cancellation or a progress
+    /// notification belongs to the request it is about, which goes on.
+    pub fn related(&self, session: &str, request_direction: Direction, id: &str) -> Option<String> {
+        let key = (session.to_owned(), request_direction, id.to_owned());
+        let inner = self.inner.lock().expect("correlator lock poisoned");
+        inner.open.get(&key).cloned()
+    }
+
+    /// Remembers the request that asked for progress under `token`.
+    pub fn open_progress(&self, session: &str, token: &str, exchange: &str) {
+        self.open(
+            session,
+            Direction::ClientToServer,
+            &progress_key(token),
+            exchange,
+        );
+    }
+
+    /// The request a progress notification with `token` reports on.
+    pub fn progress(&self, session: &str, token: &str) -> Option<String> {
+        self.related(session, Direction::ClientToServer, &progress_key(token))
+    }
+}
+
+/// Progress tokens share the table with request ids; the prefix keeps them apart (a request
+/// id, as JSON text, never starts with it).
+fn progress_key(token: &str) -> String {
+    format!("progress:{token}")
+}
+
 /// The session a request belongs to: `Mcp-Session-Id`, or the `session_id`/`sessionId` query
 /// parameter of the legacy HTTP+SSE transport's message endpoint.
 pub fn session_key(session_header: Option<&str>, path: &str) -> Option<String> {
@@ -93,6 +124,23 @@ mod tests {
             Some("ex-7")
         );
         assert_eq!(c.close("s1", Direction::ClientToServer, "7"), None);
+    }
+
+    #[test]
+    fn progress_and_cancellation_find_their_request_without_closing_it() {
+        let c = Correlator::default();
+        c.open("s", Direction::ClientToServer, "3", "ex-3");
+        c.open_progress("s", "\"tok\"", "ex-3");
+        assert_eq!(c.progress("s", "\"tok\"").as_deref(), Some("ex-3"));
+        assert_eq!(
+            c.related("s", Direction::ClientToServer, "3").as_deref(),
+            Some("ex-3")
+        );
+        assert_eq!(
+            c.close("s", Direction::ClientToServer, "3").as_deref(),
+            Some("ex-3")
+        );
+        assert_eq!(c.progress("other", "\"tok\""), None);
     }
 
     #[test]

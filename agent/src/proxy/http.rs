@@ -286,6 +286,7 @@ async fn handle(
         ..Default::default()
     };
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let is_connect = parts.method == Method::CONNECT;
     let (prefix, rest) = match read_prefix(body, conn.capture_limit).await {
         Ok(r) => r,
         Err(e) => {
@@ -322,16 +323,30 @@ async fn handle(
                     }
                     for (i, m) in messages.into_iter().enumerate() {
                         let mut exchange = format!("{base}.{i}");
+                        // Without a session, links reach as far as this connection.
+                        let scope = session.as_deref().unwrap_or(&conn.id);
                         match (m.kind, &m.id, &session) {
                             (Kind::Request, Some(id), _) => {
                                 pending.insert(id.to_string(), exchange.clone());
-                                if let Some(session) = &session {
-                                    conn.correlator.open(
-                                        session,
-                                        Direction::ClientToServer,
-                                        &id.to_string(),
-                                        &exchange,
-                                    );
+                                conn.correlator.open(
+                                    scope,
+                                    Direction::ClientToServer,
+                                    &id.to_string(),
+                                    &exchange,
+                                );
+                                if let Some(token) = progress_token(&m) {
+                                    conn.correlator.open_progress(scope, &token, &exchange);
+                                }
+                            }
+                            // A cancellation belongs to the request it cancels.
+                            (Kind::Notification, _, _)
+                                if m.method.as_deref() == Some("notifications/cancelled") =>
+                            {
+                                if let Some(ex) = param(&m, "requestId").and_then(|id| {
+                                    conn.correlator
+                                        .related(scope, Direction::ClientToServer, &id)
+                                }) {
+                                    exchange = ex;
                                 }
                             }
                             // The client answering a request the server sent earlier.
@@ -418,9 +433,10 @@ async fn handle(
     http.status = Some(resp.status().as_u16());
     http.content_type = header(resp.headers(), CONTENT_TYPE.as_str());
     let mut resp = resp;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
+    // A protocol switch, or a tunnel the gateway agreed to: from here on, raw bytes.
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (is_connect && resp.status().is_success());
+    if switched && let Some(client_upgrade) = client_upgrade {
         bridge_upgrade(
             client_upgrade,
             hyper::upgrade::on(&mut resp),
@@ -471,6 +487,20 @@ fn bridge_upgrade(
             Err(e) => tracing::warn!(%conn, error = %e, "protocol upgrade failed"),
         }
     });
+}
+
+/// A parameter as JSON text (ids and tokens may be strings or numbers).
+fn param(m: &Message, key: &str) -> Option<String> {
+    m.params.as_ref()?.get(key).map(Value::to_string)
+}
+
+/// `params._meta.progressToken` of a request that wants progress reports.
+fn progress_token(m: &Message) -> Option<String> {
+    m.params
+        .as_ref()?
+        .get("_meta")?
+        .get("progressToken")
+        .map(Value::to_string)
 }
 
 /// Where the 2026-07-28 mirror headers say something else than the body.
@@ -731,11 +761,9 @@ impl Observed {
         // Requests the response ended without answering: say so rather than lose them.
         let unanswered: Vec<(String, String)> = self.pending.drain().collect();
         for (id, _) in &unanswered {
-            if let Some(session) = &self.session {
-                self.conn
-                    .correlator
-                    .close(session, Direction::ClientToServer, id);
-            }
+            self.conn
+                .correlator
+                .close(self.scope(), Direction::ClientToServer, id);
         }
         let unanswered: Vec<String> = unanswered.into_iter().map(|(_, ex)| ex).collect();
         for exchange in unanswered {
@@ -751,6 +779,11 @@ impl Observed {
         }
     }
 
+    /// The session, or this connection when there is none (as in 2026-07-28).
+    fn scope(&self) -> &str {
+        self.session.as_deref().unwrap_or(&self.conn.id)
+    }
+
     async fn messages(&mut self, bytes: &[u8]) {
         match mcp::parse(bytes) {
             Ok((messages, batch)) => {
@@ -759,13 +792,26 @@ impl Observed {
                         (Kind::Response | Kind::Error, Some(id)) => {
                             let id = id.to_string();
                             let here = self.pending.remove(&id);
-                            let elsewhere = self.session.as_ref().and_then(|s| {
-                                self.conn
-                                    .correlator
-                                    .close(s, Direction::ClientToServer, &id)
-                            });
+                            let elsewhere = self.conn.correlator.close(
+                                self.scope(),
+                                Direction::ClientToServer,
+                                &id,
+                            );
                             here.or(elsewhere)
                                 .unwrap_or_else(|| format!("{}.a{}", self.base, i))
+                        }
+                        // Progress reports on the request that asked for it.
+                        (Kind::Notification, _)
+                            if m.method.as_deref() == Some("notifications/progress")
+                                && param(&m, "progressToken")
+                                    .and_then(|t| self.conn.correlator.progress(self.scope(), &t))
+                                    .is_some() =>
+                        {
+                            let token = param(&m, "progressToken").expect("checked above");
+                            self.conn
+                                .correlator
+                                .progress(self.scope(), &token)
+                                .expect("checked above")
                         }
                         _ => {
                             self.server_messages += 1;
