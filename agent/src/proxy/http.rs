@@ -351,11 +351,7 @@ async fn handle(
                             }
                             // The client answering a request the server sent earlier.
                             (Kind::Response | Kind::Error, Some(id), Some(session)) => {
-                                if let Some(ex) = conn.correlator.close(
-                                    session,
-                                    Direction::ServerToClient,
-                                    &id.to_string(),
-                                ) {
+                                if let Some(ex) = answered(&conn, session, &id.to_string()).await {
                                     exchange = ex;
                                 }
                             }
@@ -456,6 +452,7 @@ async fn handle(
         req_bytes,
         server_messages: 0,
         session,
+        writer: None,
     };
     conn.tracker.spawn(observed.run(rx));
     Response::from_parts(
@@ -487,6 +484,25 @@ fn bridge_upgrade(
             Err(e) => tracing::warn!(%conn, error = %e, "protocol upgrade failed"),
         }
     });
+}
+
+/// The exchange of the server request a client's answer closes. The observer of the stream
+/// that carried the request registers it as soon as it sees the bytes, which is before the
+/// client can have read them; a few short waits cover a scheduler that ran the client's POST
+/// first anyway.
+async fn answered(conn: &Conn, session: &str, id: &str) -> Option<String> {
+    for wait_ms in [0u64, 2, 5, 10, 20] {
+        if wait_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+        }
+        if let Some(ex) = conn
+            .correlator
+            .close(session, Direction::ServerToClient, id)
+        {
+            return Some(ex);
+        }
+    }
+    None
 }
 
 /// A parameter as JSON text (ids and tokens may be strings or numbers).
@@ -675,10 +691,36 @@ struct Observed {
     server_messages: u64,
     /// The MCP session, for answers that belong to requests sent on other exchanges.
     session: Option<String>,
+    /// Records in the order the messages came, written by a task of their own so that
+    /// decoding (and linking answers to requests) never waits for a write to be durable.
+    writer: Option<mpsc::UnboundedSender<Event>>,
 }
 
 impl Observed {
+    /// Queues a record; the writer task appends them in order.
+    fn emit(&self, event: Event) {
+        if let Some(w) = &self.writer {
+            let _ = w.send(event);
+        }
+    }
+
     async fn run(mut self, rx: mpsc::UnboundedReceiver<Bytes>) {
+        let (writer, mut queue) = mpsc::unbounded_channel::<Event>();
+        self.writer = Some(writer);
+        let conn = self.conn.clone();
+        let written = self.conn.tracker.spawn(async move {
+            while let Some(event) = queue.recv().await {
+                conn.record(event).await;
+            }
+        });
+        self.observe(rx).await;
+        // Closing the queue lets the writer finish; wait so the connection's own record
+        // comes after its messages'.
+        self.writer = None;
+        let _ = written.await;
+    }
+
+    async fn observe(&mut self, rx: mpsc::UnboundedReceiver<Bytes>) {
         let sse = self
             .http
             .content_type
@@ -712,7 +754,7 @@ impl Observed {
                         self.messages(data.as_bytes()).await;
                     }
                     Err(e) => {
-                        self.malformed(format!("broken SSE stream: {e}")).await;
+                        self.malformed(format!("broken SSE stream: {e}"));
                         break;
                     }
                 }
@@ -734,8 +776,7 @@ impl Observed {
                     self.malformed(format!(
                         "the response is larger than the capture limit ({} bytes); relayed, not parsed",
                         self.conn.capture_limit
-                    ))
-                    .await;
+                    ));
                 } else {
                     self.messages(&captured).await;
                 }
@@ -750,7 +791,7 @@ impl Observed {
                 self.t0,
                 None,
             );
-            self.conn.record(e).await;
+            self.emit(e);
             return;
         }
         let status = self.http.status.unwrap_or(0);
@@ -775,7 +816,7 @@ impl Observed {
                 "mcptrail": format!("the response (HTTP {status}) ended without an answer to this request")
             }));
             e.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
-            self.conn.record(Event::Mcp(Box::new(e))).await;
+            self.emit(Event::Mcp(Box::new(e)));
         }
     }
 
@@ -838,14 +879,14 @@ impl Observed {
                     );
                     e.first_byte_us = Some(self.first_byte_us);
                     e.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
-                    self.conn.record(Event::Mcp(Box::new(e))).await;
+                    self.emit(Event::Mcp(Box::new(e)));
                 }
             }
-            Err(err) => self.malformed(err.to_string()).await,
+            Err(err) => self.malformed(err.to_string()),
         }
     }
 
-    async fn malformed(&self, why: String) {
+    fn malformed(&self, why: String) {
         let mut e = self.conn.mcp_event(
             format!("{}.m", self.base),
             Direction::ServerToClient,
@@ -853,7 +894,7 @@ impl Observed {
         );
         e.malformed = Some(why);
         e.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
-        self.conn.record(Event::Mcp(Box::new(e))).await;
+        self.emit(Event::Mcp(Box::new(e)));
     }
 }
 
