@@ -4,10 +4,12 @@
 //! RocksDB secondary instances, so reading never blocks the writer.
 #![forbid(unsafe_code)]
 
+pub mod cef;
 pub mod chain;
 pub mod checkpoint;
 pub mod format;
 pub mod keys;
+pub mod query;
 pub mod reader;
 pub mod record;
 pub mod store;

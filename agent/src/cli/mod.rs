@@ -3,8 +3,12 @@
 #![forbid(unsafe_code)]
 
 mod detach;
+mod export;
+mod filter;
 mod key;
 mod run;
+mod show;
+mod stats;
 mod status;
 mod tail;
 mod verify;
@@ -59,6 +63,13 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// The checkpoint signing key.
     Key(key::KeyArgs),
+    /// Print one record in full.
+    Show(show::ShowArgs),
+    /// How big the trail is, what it holds, how fast it grows.
+    Stats(stats::StatsArgs),
+    /// Write the trail out as JSON lines or CEF for a SIEM or log pipeline; with --cursor,
+    /// resume where the last export stopped (at least once), with -f keep following.
+    Export(export::ExportArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -75,6 +86,9 @@ pub fn main() -> ExitCode {
         Command::Detach => detach::run(&cli.state_dir),
         Command::Verify(args) => verify::run(&cli.state_dir, args),
         Command::Key(args) => key::run(&cli.state_dir, args),
+        Command::Show(args) => show::run(&cli.state_dir, args),
+        Command::Stats(args) => stats::run(&cli.state_dir, args),
+        Command::Export(args) => export::run(&cli.state_dir, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::audit::{Reader, format};
+use crate::audit::{Reader, StoredRecord, format};
+
+use super::filter::FilterArgs;
 
 /// How often `-f` looks for new records; well under the 100 ms a user would notice.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
@@ -25,30 +27,55 @@ pub struct TailArgs {
     /// One JSON object per line (the stored record plus its chain `hash`).
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
+    let filter = args.filter.build()?;
     let reader = Reader::open(state_dir)?;
     let last = reader.last_seq()?.unwrap_or(0);
-    let mut next = last.saturating_sub(args.lines).saturating_add(1).max(1);
     let stdout = std::io::stdout();
+    let mut next = if filter.is_empty() {
+        last.saturating_sub(args.lines).saturating_add(1).max(1)
+    } else {
+        // The newest N that match: scan the trail once, keeping the last N.
+        let mut newest: std::collections::VecDeque<StoredRecord> = Default::default();
+        let mut from = 1;
+        loop {
+            let batch = reader.read_from(from, BATCH)?;
+            for r in batch.iter().filter(|r| filter.matches(&r.record)) {
+                newest.push_back(r.clone());
+                if newest.len() as u64 > args.lines {
+                    newest.pop_front();
+                }
+            }
+            match batch.last() {
+                Some(r) if batch.len() == BATCH => from = r.record.seq + 1,
+                _ => break,
+            }
+        }
+        let mut out = stdout.lock();
+        for r in &newest {
+            if !print(&mut out, r, args.json)? {
+                return Ok(());
+            }
+        }
+        last + 1
+    };
     loop {
         let batch = reader.read_from(next, BATCH)?;
         let mut out = stdout.lock();
         for r in &batch {
-            let line = if args.json {
-                r.to_json().to_string()
-            } else {
-                format::line(r)
-            };
-            if let Err(e) = writeln!(out, "{line}") {
-                // The reader went away (a closed pipe): that is a normal end for tail.
-                if e.kind() == std::io::ErrorKind::BrokenPipe {
-                    return Ok(());
-                }
-                return Err(e).context("writing to stdout");
-            }
             next = r.record.seq + 1;
+            if !filter.matches(&r.record) {
+                continue;
+            }
+            // The reader went away (a closed pipe): that is a normal end for tail.
+            if !print(&mut out, r, args.json)? {
+                return Ok(());
+            }
         }
         if let Err(e) = out.flush() {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -65,5 +92,19 @@ pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(FOLLOW_POLL);
         reader.catch_up()?;
+    }
+}
+
+/// Prints one record; false when the reader has gone (a closed pipe).
+fn print(out: &mut impl std::io::Write, r: &StoredRecord, json: bool) -> anyhow::Result<bool> {
+    let line = if json {
+        r.to_json().to_string()
+    } else {
+        format::line(r)
+    };
+    match writeln!(out, "{line}") {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing to stdout"),
     }
 }
