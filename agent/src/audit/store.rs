@@ -59,8 +59,19 @@ impl Default for CheckpointPolicy {
 }
 
 /// The RocksDB trail, opened read-write by the agent.
+/// When a record counts as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Each group of records is on disk (synced WAL) before anyone is told it is written.
+    Sync,
+    /// Written to the WAL at once and synced in the background at least this often: faster,
+    /// but a crash of the host (not just of the agent) can lose that window.
+    Buffered(Duration),
+}
+
 pub struct Store {
-    db: DB,
+    db: Arc<DB>,
+    durability: Durability,
     head: Head,
     host: String,
     key: SigningKey,
@@ -114,7 +125,8 @@ impl Store {
         let head = read_head(&db)?;
         let checkpointed = last_key(&db, CF_CHECKPOINTS)?.unwrap_or(0);
         Ok(Store {
-            db,
+            db: Arc::new(db),
+            durability: Durability::Sync,
             head,
             host: hostname(),
             key: super::keys::load_or_create(state_dir)?,
@@ -122,6 +134,10 @@ impl Store {
             checkpointed,
             checkpointed_at: Instant::now(),
         })
+    }
+
+    pub fn set_durability(&mut self, durability: Durability) {
+        self.durability = durability;
     }
 
     pub fn set_checkpoint_policy(&mut self, policy: CheckpointPolicy) {
@@ -227,7 +243,7 @@ impl Store {
             self.put_checkpoint(&mut batch, &head);
         }
         let mut wo = WriteOptions::default();
-        wo.set_sync(true);
+        wo.set_sync(self.durability == Durability::Sync);
         self.db.write_opt(batch, &wo).map_err(AuditError::Write)?;
         // Only advance once durable: a failed batch leaves no gap in the chain.
         self.head = head;
@@ -240,6 +256,22 @@ impl Store {
 
     /// Starts the writer thread and hands back the handle that producers clone.
     pub fn spawn_writer(self) -> (AuditLog, std::thread::JoinHandle<()>) {
+        if let Durability::Buffered(window) = self.durability {
+            // Holds only a weak handle: when the writer closes the store, this ends.
+            let db = Arc::downgrade(&self.db);
+            std::thread::Builder::new()
+                .name("audit-wal-sync".into())
+                .spawn(move || {
+                    while let Some(db) = db.upgrade() {
+                        if let Err(e) = db.flush_wal(true) {
+                            tracing::error!(error = %e, "syncing the audit WAL failed");
+                        }
+                        drop(db);
+                        std::thread::sleep(window);
+                    }
+                })
+                .expect("spawning the WAL sync thread");
+        }
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())

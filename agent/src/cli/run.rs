@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::record::{AgentStart, AgentStop, Event, TargetsChanged, now_rfc3339};
-use crate::audit::store::CheckpointPolicy;
+use crate::audit::store::{CheckpointPolicy, Durability};
 use crate::audit::{AuditLog, Store};
 use crate::control::{self, Request};
 use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
@@ -90,6 +90,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub checkpoint_interval: u64,
 
+    /// When a record counts as written. `sync`: a request's records are on disk (synced WAL,
+    /// group-committed) before it is forwarded, and a response's before its last byte reaches
+    /// the client. `buffered`: written at once and synced in the background every
+    /// --buffered-window-ms; faster, but a host crash can lose that window.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
+    pub durability: DurabilityArg,
+
+    /// Background sync period for `--durability buffered`, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10)]
+    pub buffered_window_ms: u64,
+
     /// Bytes of each HTTP body kept in the trail; larger bodies are forwarded in full and
     /// recorded as truncated.
     #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
@@ -107,6 +118,12 @@ pub struct RunArgs {
 fn parse_target(s: &str) -> Result<Target, String> {
     s.parse()
         .map_err(|e: intercept::InterceptError| e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    Sync,
+    Buffered,
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -137,6 +154,19 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
         bail!("--checkpoint-every and --checkpoint-interval must be at least 1");
     }
     let mut store = Store::open(state_dir)?;
+    store.set_durability(match args.durability {
+        DurabilityArg::Sync => Durability::Sync,
+        DurabilityArg::Buffered => {
+            if args.buffered_window_ms == 0 {
+                bail!("--buffered-window-ms must be at least 1");
+            }
+            tracing::warn!(
+                window_ms = args.buffered_window_ms,
+                "buffered durability: records are synced in the background; a host crash can lose the last window"
+            );
+            Durability::Buffered(Duration::from_millis(args.buffered_window_ms))
+        }
+    });
     store.set_checkpoint_policy(CheckpointPolicy {
         every_records: args.checkpoint_every,
         every: Duration::from_secs(args.checkpoint_interval),
@@ -264,6 +294,7 @@ async fn serve(
             proc_root: PathBuf::from("/proc"),
             mark: args.upstream_mark,
             capture_limit: args.capture_limit,
+            hold_end: args.durability == DurabilityArg::Sync,
         },
         tracker.clone(),
     )?;

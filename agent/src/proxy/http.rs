@@ -25,7 +25,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -50,6 +50,8 @@ pub struct Conn {
     /// Observers run here, so that a stopping agent waits for their records.
     tracker: tokio_util::task::TaskTracker,
     correlator: Arc<Correlator>,
+    /// Sync durability: a response's last byte waits until its records are durable.
+    pub hold_end: bool,
 }
 
 impl Conn {
@@ -61,6 +63,7 @@ impl Conn {
         id: String,
         tracker: tokio_util::task::TaskTracker,
         correlator: Arc<Correlator>,
+        hold_end: bool,
     ) -> Self {
         Conn {
             audit,
@@ -71,6 +74,7 @@ impl Conn {
             requests: AtomicU64::new(0),
             tracker,
             correlator,
+            hold_end,
         }
     }
 
@@ -451,18 +455,12 @@ async fn handle(
         is_mcp,
         req_bytes,
         server_messages: 0,
+        resp_bytes: 0,
         session,
         writer: None,
     };
     conn.tracker.spawn(observed.run(rx));
-    Response::from_parts(
-        rparts,
-        Tee {
-            inner: rbody,
-            tx: Some(tx),
-        }
-        .boxed(),
-    )
+    Response::from_parts(rparts, Tee::new(rbody, tx, conn.hold_end).boxed())
 }
 
 /// WebSocket and other upgrades: once the gateway switched protocols and the client got the
@@ -640,10 +638,51 @@ impl Body for Prefixed {
 }
 
 /// The response body on its way to the client, with a copy of every data frame sent to the
-/// observer. The channel is unbounded so that the client never waits on the audit.
+/// observer. The channel is unbounded so that the client never waits on the audit, with one
+/// exception when `hold_end` is set (sync durability): the body's last byte (the frame that
+/// completes a known length, or the end of a chunked or streamed body) is held until the
+/// observer has durably recorded what the response carried. Nothing the client fully saw is
+/// then missing from the trail, and only the end waits.
 struct Tee {
     inner: Incoming,
-    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    tx: Option<mpsc::UnboundedSender<Chunk>>,
+    hold_end: bool,
+    /// Body bytes still to come, when the length is known.
+    remaining: Option<u64>,
+    /// The final frame, waiting for the release.
+    held: Option<Frame<Bytes>>,
+    release: Option<oneshot::Receiver<()>>,
+    /// The end was announced to the observer (and released, if it was held).
+    ended: bool,
+}
+
+impl Tee {
+    fn new(inner: Incoming, tx: mpsc::UnboundedSender<Chunk>, hold_end: bool) -> Self {
+        let remaining = inner.size_hint().exact();
+        Tee {
+            inner,
+            tx: Some(tx),
+            hold_end,
+            remaining,
+            held: None,
+            release: None,
+            ended: false,
+        }
+    }
+
+    /// Tells the observer the body is over; with `hold_end`, arranges to wait for it.
+    fn announce_end(&mut self) {
+        self.ended = true;
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        if self.hold_end {
+            let (release, wait) = oneshot::channel();
+            if tx.send(Chunk::End(release)).is_ok() {
+                self.release = Some(wait);
+            }
+        }
+    }
 }
 
 impl Body for Tee {
@@ -654,21 +693,56 @@ impl Body for Tee {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some(tx)) = (frame.data_ref(), &self.tx) {
-                    let _ = tx.send(data.clone());
-                }
-            }
-            Poll::Ready(_) => self.tx = None,
-            Poll::Pending => {}
+        if let Some(wait) = self.release.as_mut() {
+            // A gone observer (Err) releases too: the client must never hang on the audit.
+            let _ = std::task::ready!(Pin::new(wait).poll(cx));
+            self.release = None;
+            return Poll::Ready(self.held.take().map(Ok));
         }
-        polled
+        if self.ended && self.remaining == Some(0) {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if let Some(tx) = &self.tx {
+                        let _ = tx.send(Chunk::Data(data.clone()));
+                    }
+                    if let Some(remaining) = self.remaining.as_mut() {
+                        *remaining = remaining.saturating_sub(len);
+                        if *remaining == 0 && !self.ended {
+                            self.announce_end();
+                            if self.release.is_some() {
+                                self.held = Some(frame);
+                                cx.waker().wake_by_ref();
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            None => {
+                if !self.ended {
+                    self.announce_end();
+                    if self.release.is_some() {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                }
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                self.tx = None;
+                self.ended = true;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended && self.held.is_none() && self.release.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -689,38 +763,71 @@ struct Observed {
     req_bytes: u64,
     /// Messages the server started (requests, notifications) seen so far.
     server_messages: u64,
+    /// Response body bytes seen (for the `http` record).
+    resp_bytes: u64,
     /// The MCP session, for answers that belong to requests sent on other exchanges.
     session: Option<String>,
     /// Records in the order the messages came, written by a task of their own so that
     /// decoding (and linking answers to requests) never waits for a write to be durable.
-    writer: Option<mpsc::UnboundedSender<Event>>,
+    writer: Option<mpsc::UnboundedSender<Out>>,
+}
+
+/// What the tee hands the observer: the response's bytes, then its end, which waits to be
+/// released when the body holds its last byte for the records (sync durability).
+enum Chunk {
+    Data(Bytes),
+    End(oneshot::Sender<()>),
+}
+
+/// What the observer hands its writer task.
+enum Out {
+    Record(Event),
+    Flush(oneshot::Sender<()>),
 }
 
 impl Observed {
     /// Queues a record; the writer task appends them in order.
     fn emit(&self, event: Event) {
         if let Some(w) = &self.writer {
-            let _ = w.send(event);
+            let _ = w.send(Out::Record(event));
         }
     }
 
-    async fn run(mut self, rx: mpsc::UnboundedReceiver<Bytes>) {
-        let (writer, mut queue) = mpsc::unbounded_channel::<Event>();
-        self.writer = Some(writer);
+    async fn run(mut self, rx: mpsc::UnboundedReceiver<Chunk>) {
+        let (writer, mut queue) = mpsc::unbounded_channel::<Out>();
+        self.writer = Some(writer.clone());
         let conn = self.conn.clone();
         let written = self.conn.tracker.spawn(async move {
-            while let Some(event) = queue.recv().await {
-                conn.record(event).await;
+            while let Some(out) = queue.recv().await {
+                match out {
+                    Out::Record(event) => conn.record(event).await,
+                    // Everything queued before is written (durably, in sync mode).
+                    Out::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
             }
         });
-        self.observe(rx).await;
+        let end = self.observe(rx).await;
+        self.finish();
+        if let Some(release) = end {
+            // The client's last byte waits for these records.
+            let (done, flushed) = oneshot::channel();
+            let _ = writer.send(Out::Flush(done));
+            let _ = flushed.await;
+            let _ = release.send(());
+        }
         // Closing the queue lets the writer finish; wait so the connection's own record
         // comes after its messages'.
+        drop(writer);
         self.writer = None;
         let _ = written.await;
     }
 
-    async fn observe(&mut self, rx: mpsc::UnboundedReceiver<Bytes>) {
+    /// Decodes the response until it ends; returns the end's release, when the body holds
+    /// its last byte until the records are written.
+    async fn observe(&mut self, rx: mpsc::UnboundedReceiver<Chunk>) -> Option<oneshot::Sender<()>> {
+        let mut end = None;
         let sse = self
             .http
             .content_type
@@ -731,10 +838,15 @@ impl Observed {
             .content_type
             .as_deref()
             .is_some_and(|c| c.contains("json"));
-        let mut resp_bytes = 0u64;
         if sse {
-            let counted = UnboundedReceiverStream::new(rx)
-                .map(|b: Bytes| Ok::<Bytes, std::convert::Infallible>(b));
+            let end_slot = &mut end;
+            let counted = UnboundedReceiverStream::new(rx).map_while(move |c| match c {
+                Chunk::Data(b) => Some(Ok::<Bytes, std::convert::Infallible>(b)),
+                Chunk::End(release) => {
+                    *end_slot = Some(release);
+                    None
+                }
+            });
             let mut events = sse_stream::SseByteStream::new(counted);
             while let Some(event) = events.next().await {
                 match event {
@@ -742,7 +854,6 @@ impl Observed {
                         let Some(data) = event.data.filter(|d| !d.is_empty()) else {
                             continue;
                         };
-                        resp_bytes += data.len() as u64;
                         if event.event.as_deref() == Some("endpoint") {
                             // Legacy HTTP+SSE: the stream names the URL to POST to, and with
                             // it the session its answers belong to.
@@ -764,7 +875,14 @@ impl Observed {
             let mut captured = BytesMut::new();
             let mut truncated = false;
             while let Some(chunk) = rx.recv().await {
-                resp_bytes += chunk.len() as u64;
+                let chunk = match chunk {
+                    Chunk::Data(b) => b,
+                    Chunk::End(release) => {
+                        end = Some(release);
+                        break;
+                    }
+                };
+                self.resp_bytes += chunk.len() as u64;
                 if captured.len() + chunk.len() <= self.conn.capture_limit {
                     captured.extend_from_slice(&chunk);
                 } else {
@@ -782,12 +900,18 @@ impl Observed {
                 }
             }
         }
+        end
+    }
+
+    /// The records due when the response is over: the HTTP record of a non-MCP exchange, or
+    /// an outcome for every request left unanswered.
+    fn finish(&mut self) {
         if !self.is_mcp {
             let e = http_event(
                 &self.conn,
                 &self.http,
                 self.req_bytes,
-                resp_bytes,
+                self.resp_bytes,
                 self.t0,
                 None,
             );

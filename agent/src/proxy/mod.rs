@@ -60,6 +60,8 @@ pub struct Settings {
     pub mark: u32,
     /// Bytes of each HTTP body kept for the record (forwarding is never bounded by it).
     pub capture_limit: usize,
+    /// Hold each response's last byte until its records are durable (sync durability).
+    pub hold_end: bool,
 }
 
 /// Userspace counters, reported by `status` and in the stop record.
@@ -305,6 +307,7 @@ impl Shared {
                             format!("{}.{n}", self.run_id),
                             self.tracker.clone(),
                             self.correlator.clone(),
+                            self.settings.hold_end,
                         ));
                         let client = relay::Counted::new(client, counts.clone());
                         http::serve(client, upstream, dst, self.settings.mark, conn).await
