@@ -37,6 +37,16 @@ use crate::audit::record::{
 };
 use crate::mcp::{self, Kind, Message};
 
+/// What every HTTP connection of the proxy shares.
+#[derive(Clone)]
+pub struct ConnParts {
+    pub audit: AuditLog,
+    pub capture_limit: usize,
+    pub tracker: tokio_util::task::TaskTracker,
+    pub correlator: Arc<Correlator>,
+    pub hold_end: bool,
+}
+
 /// What every request on one connection shares.
 pub struct Conn {
     pub audit: AuditLog,
@@ -55,26 +65,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(
-        audit: AuditLog,
-        process: Process,
-        connection: Connection,
-        capture_limit: usize,
-        id: String,
-        tracker: tokio_util::task::TaskTracker,
-        correlator: Arc<Correlator>,
-        hold_end: bool,
-    ) -> Self {
+    pub fn new(parts: ConnParts, process: Process, connection: Connection, id: String) -> Self {
         Conn {
-            audit,
+            audit: parts.audit,
             process,
             connection,
-            capture_limit,
+            capture_limit: parts.capture_limit,
             id,
             requests: AtomicU64::new(0),
-            tracker,
-            correlator,
-            hold_end,
+            tracker: parts.tracker,
+            correlator: parts.correlator,
+            hold_end: parts.hold_end,
         }
     }
 
@@ -781,7 +782,7 @@ enum Chunk {
 
 /// What the observer hands its writer task.
 enum Out {
-    Record(Event),
+    Record(Box<Event>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -789,7 +790,7 @@ impl Observed {
     /// Queues a record; the writer task appends them in order.
     fn emit(&self, event: Event) {
         if let Some(w) = &self.writer {
-            let _ = w.send(Out::Record(event));
+            let _ = w.send(Out::Record(Box::new(event)));
         }
     }
 
@@ -800,7 +801,7 @@ impl Observed {
         let written = self.conn.tracker.spawn(async move {
             while let Some(out) = queue.recv().await {
                 match out {
-                    Out::Record(event) => conn.record(event).await,
+                    Out::Record(event) => conn.record(*event).await,
                     // Everything queued before is written (durably, in sync mode).
                     Out::Flush(done) => {
                         let _ = done.send(());

@@ -300,14 +300,16 @@ impl Shared {
                     if http {
                         let n = self.connections.fetch_add(1, Ordering::Relaxed);
                         let conn = Arc::new(http::Conn::new(
-                            self.audit.clone(),
+                            http::ConnParts {
+                                audit: self.audit.clone(),
+                                capture_limit: self.settings.capture_limit,
+                                tracker: self.tracker.clone(),
+                                correlator: self.correlator.clone(),
+                                hold_end: self.settings.hold_end,
+                            },
                             process.clone(),
                             conn_info,
-                            self.settings.capture_limit,
                             format!("{}.{n}", self.run_id),
-                            self.tracker.clone(),
-                            self.correlator.clone(),
-                            self.settings.hold_end,
                         ));
                         let client = relay::Counted::new(client, counts.clone());
                         http::serve(client, upstream, dst, self.settings.mark, conn).await
