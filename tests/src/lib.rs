@@ -103,6 +103,18 @@ impl Drop for TestCgroup {
     }
 }
 
+/// Runs a command to its end with stdout and stderr captured; returns its pid (the one the
+/// trail names) and its output.
+pub fn output_with_pid(cmd: &mut Command) -> (u32, Output) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let pid = child.id();
+    (pid, child.wait_with_output().expect("waiting for a child"))
+}
+
 /// A child process killed on drop.
 pub struct Reaped(pub Child);
 

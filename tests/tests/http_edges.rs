@@ -22,16 +22,12 @@ fn odd_server(port: u16, mode: &str) -> Reaped {
 }
 
 fn curl(cgroup: &TestCgroup, args: &[&str]) -> (u32, String) {
-    let child = cgroup
-        .command("curl")
-        .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
+    let (pid, out) = output_with_pid(
+        cgroup
+            .command("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+            .args(args),
+    );
     (pid, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

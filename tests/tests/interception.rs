@@ -35,15 +35,7 @@ fn site() -> tempfile::TempDir {
 /// Runs tests/fixtures/tcp_client.py (in the cgroup when given) and parses its JSON line.
 fn client(cmd: Command, args: &[&str]) -> (u32, serde_json::Value) {
     let mut cmd = cmd;
-    let child = cmd
-        .arg(tcp_client())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
+    let (pid, out) = output_with_pid(cmd.arg(tcp_client()).args(args));
     assert!(
         out.status.success(),
         "client {args:?} failed: {}",

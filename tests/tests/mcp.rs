@@ -1,7 +1,7 @@
 //! MCP through the proxy, end to end and as root, with the official Python SDK on both ends:
 //! its server (Streamable HTTP, with SSE and with JSON responses) and its client, in a child
 //! cgroup. Every JSON-RPC exchange must be in the trail, request and outcome linked.
-use std::process::Stdio;
+
 use std::time::Duration;
 
 use mcptrail::audit::Event;
@@ -32,13 +32,7 @@ fn run_client(cgroup: &TestCgroup, port: u16, case: &Case) -> (u32, serde_json::
     if case.sampling {
         cmd.arg("--sampling");
     }
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
+    let (pid, out) = output_with_pid(&mut cmd);
     assert!(
         out.status.success(),
         "the MCP client failed: {}",

@@ -44,17 +44,13 @@ fn curl_in_the_cgroup_is_redirected_relayed_and_recorded() {
     let mut agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
 
     let out_file = work.path().join("got.bin");
-    let child = cgroup
-        .command("curl")
-        .args(["-sS", "--fail", "-o"])
-        .arg(&out_file)
-        .arg(format!("http://127.0.0.1:{port}/blob.bin"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
+    let (pid, out) = output_with_pid(
+        cgroup
+            .command("curl")
+            .args(["-sS", "--fail", "-o"])
+            .arg(&out_file)
+            .arg(format!("http://127.0.0.1:{port}/blob.bin")),
+    );
     assert!(
         out.status.success(),
         "curl failed: {}\nagent log:\n{}",
