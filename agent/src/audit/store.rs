@@ -11,6 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -273,11 +274,21 @@ impl Store {
                 .expect("spawning the WAL sync thread");
         }
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let healthy = Arc::new(AtomicBool::new(true));
         let handle = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer_loop(self, rx))
+            .spawn({
+                let healthy = healthy.clone();
+                move || writer_loop(self, rx, healthy)
+            })
             .expect("spawning the audit writer thread");
-        (AuditLog { tx: Arc::new(tx) }, handle)
+        (
+            AuditLog {
+                tx: Arc::new(tx),
+                healthy,
+            },
+            handle,
+        )
     }
 }
 
@@ -323,7 +334,7 @@ enum Request {
     Checkpoint(oneshot::Sender<Result<(), String>>),
 }
 
-fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>) {
+fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<AtomicBool>) {
     let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
     let mut checkpoints: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
@@ -347,6 +358,7 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>) {
         let events: Vec<Event> = group.iter().map(|p| p.event.clone()).collect();
         match store.append_group(&events) {
             Ok(seqs) => {
+                healthy.store(true, Ordering::Relaxed);
                 for (p, seq) in group.drain(..).zip(seqs) {
                     let _ = p.done.send(Ok(seq));
                 }
@@ -358,6 +370,7 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>) {
                 }
             }
             Err(e) => {
+                healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, records = group.len(), "audit write failed");
                 let msg = e.to_string();
                 for p in group.drain(..) {
@@ -379,9 +392,16 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>) {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: Arc<mpsc::Sender<Request>>,
+    /// False since the last write failed (for example a full disk), until one succeeds.
+    healthy: Arc<AtomicBool>,
 }
 
 impl AuditLog {
+    /// Whether the last write to the trail succeeded.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
     /// Appends one event and waits until it is durable; returns its sequence number.
     pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();

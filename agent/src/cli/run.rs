@@ -16,7 +16,7 @@ use crate::audit::{AuditLog, Store};
 use crate::control::{self, Request};
 use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
 use crate::policy::Policy;
-use crate::proxy::{self, Proxy, Stats};
+use crate::proxy::{self, OnAuditFailure, Proxy, Stats};
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15811;
 /// SO_MARK on the agent's upstream sockets: "mctr" in ASCII. Change it with --upstream-mark if
@@ -96,6 +96,12 @@ pub struct RunArgs {
     /// --buffered-window-ms; faster, but a host crash can lose that window.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
     pub durability: DurabilityArg,
+
+    /// When the trail cannot be written (a full disk, an I/O error): `block` refuses calls with
+    /// a clear error so nothing unaudited passes; `pass` lets traffic through and counts and
+    /// logs every lost record.
+    #[arg(long, value_enum, default_value_t = OnAuditFailure::Block)]
+    pub on_audit_failure: OnAuditFailure,
 
     /// Background sync period for `--durability buffered`, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 10)]
@@ -295,6 +301,7 @@ async fn serve(
             mark: args.upstream_mark,
             capture_limit: args.capture_limit,
             hold_end: args.durability == DurabilityArg::Sync,
+            on_audit_failure: args.on_audit_failure,
         },
         tracker.clone(),
     )?;

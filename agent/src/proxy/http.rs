@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::OnAuditFailure;
 use super::correlate::{Correlator, session_key};
 use crate::audit::AuditLog;
 use crate::audit::record::{
@@ -41,6 +42,8 @@ use crate::mcp::{self, Kind, Message};
 #[derive(Clone)]
 pub struct ConnParts {
     pub audit: AuditLog,
+    pub on_failure: OnAuditFailure,
+    pub stats: Arc<super::Stats>,
     pub capture_limit: usize,
     pub tracker: tokio_util::task::TaskTracker,
     pub correlator: Arc<Correlator>,
@@ -62,6 +65,8 @@ pub struct Conn {
     correlator: Arc<Correlator>,
     /// Sync durability: a response's last byte waits until its records are durable.
     pub hold_end: bool,
+    on_failure: OnAuditFailure,
+    stats: Arc<super::Stats>,
 }
 
 impl Conn {
@@ -76,12 +81,20 @@ impl Conn {
             tracker: parts.tracker,
             correlator: parts.correlator,
             hold_end: parts.hold_end,
+            on_failure: parts.on_failure,
+            stats: parts.stats,
         }
     }
 
-    async fn record(&self, event: Event) {
-        if let Err(e) = self.audit.append(event).await {
-            tracing::error!(error = %e, conn = %self.id, "could not record an MCP exchange");
+    /// Appends a record; false (counted as a loss, and logged) when the trail cannot take it.
+    async fn record(&self, event: Event) -> bool {
+        match self.audit.append(event).await {
+            Ok(_) => true,
+            Err(e) => {
+                self.stats.audit_losses.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, conn = %self.id, "could not record an MCP exchange: it is missing from the trail");
+                false
+            }
         }
     }
 
@@ -305,6 +318,7 @@ async fn handle(
     let session = session_key(http.session_id.as_deref(), &http.path);
 
     // The request's messages are durable before the gateway sees a byte of them.
+    let mut recorded = true;
     let mut pending: HashMap<String, String> = HashMap::new();
     let mut single_id: Option<Value> = None;
     let mut is_mcp = false;
@@ -317,7 +331,7 @@ async fn handle(
                     "the body is larger than the capture limit ({} bytes); forwarded, not parsed",
                     conn.capture_limit
                 ));
-                conn.record(Event::Mcp(Box::new(e))).await;
+                recorded &= conn.record(Event::Mcp(Box::new(e))).await;
             }
         } else {
             match mcp::parse(&prefix) {
@@ -375,7 +389,7 @@ async fn handle(
                             batch,
                         );
                         e.header_mismatch = mismatch;
-                        conn.record(Event::Mcp(Box::new(e))).await;
+                        recorded &= conn.record(Event::Mcp(Box::new(e))).await;
                     }
                 }
                 Err(err) if is_json(&parts.headers) => {
@@ -383,11 +397,24 @@ async fn handle(
                     let mut e =
                         conn.mcp_event(format!("{base}.0"), Direction::ClientToServer, &http);
                     e.malformed = Some(err.to_string());
-                    conn.record(Event::Mcp(Box::new(e))).await;
+                    recorded &= conn.record(Event::Mcp(Box::new(e))).await;
                 }
                 Err(_) => {}
             }
         }
+    }
+    if !recorded && conn.on_failure == OnAuditFailure::Block {
+        // Nothing unaudited reaches the gateway: the caller gets a clear error instead.
+        conn.stats.blocked.fetch_add(1, Ordering::Relaxed);
+        let why = "mcptrail: the audit trail cannot be written (see the agent's log), so this call was not forwarded";
+        return match single_id {
+            Some(id) => Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .header(CONTENT_TYPE, "application/json")
+                .body(full(mcp::error_body(&id, why)))
+                .expect("static response parts"),
+            None => text_response(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        };
     }
 
     let body = Prefixed {
@@ -801,7 +828,9 @@ impl Observed {
         let written = self.conn.tracker.spawn(async move {
             while let Some(out) = queue.recv().await {
                 match out {
-                    Out::Record(event) => conn.record(*event).await,
+                    Out::Record(event) => {
+                        conn.record(*event).await;
+                    }
                     // Everything queued before is written (durably, in sync mode).
                     Out::Flush(done) => {
                         let _ = done.send(());

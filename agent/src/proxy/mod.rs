@@ -39,6 +39,7 @@ const ORIGIN_RETRIES: [Duration; 3] = [
 ];
 
 pub const REFUSED_NO_ORIGIN: &str = "no redirect origin: the connection did not come through mcptrail's redirect (the proxy is not an open relay)";
+pub const REFUSED_AUDIT_DOWN: &str = "the audit trail cannot be written (see the agent's log); with --on-audit-failure block no connection passes until it can";
 pub const REFUSED_SELF: &str = "the original destination is the proxy itself (loop guard)";
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,17 @@ pub struct Settings {
     pub capture_limit: usize,
     /// Hold each response's last byte until its records are durable (sync durability).
     pub hold_end: bool,
+    pub on_audit_failure: OnAuditFailure,
+}
+
+/// What to do with traffic when the trail cannot be written (a full disk, an I/O error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAuditFailure {
+    /// Refuse it: calls get a clear error and nothing unaudited reaches the gateway.
+    Block,
+    /// Let it through; every lost record is counted and logged.
+    Pass,
 }
 
 /// Userspace counters, reported by `status` and in the stop record.
@@ -74,6 +86,10 @@ pub struct Stats {
     pub self_calls: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub open: AtomicU64,
+    /// Records that could not be written (the trail failed).
+    pub audit_losses: AtomicU64,
+    /// Calls and connections refused because the trail could not be written.
+    pub blocked: AtomicU64,
 }
 
 impl Stats {
@@ -84,6 +100,8 @@ impl Stats {
             ("self_calls_refused", &self.self_calls),
             ("upstream_failures", &self.upstream_failures),
             ("open_connections", &self.open),
+            ("audit_losses", &self.audit_losses),
+            ("blocked_by_audit_failure", &self.blocked),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
@@ -241,6 +259,7 @@ impl Shared {
             reason: reason.to_owned(),
         });
         if let Err(e) = self.audit.append(event).await {
+            self.stats.audit_losses.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, %peer, "could not record a refused connection");
         }
     }
@@ -261,6 +280,10 @@ impl Shared {
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        if self.settings.on_audit_failure == OnAuditFailure::Block && !self.audit.healthy() {
+            self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+            return self.refuse(client, peer, REFUSED_AUDIT_DOWN).await;
+        }
         let target = self.interceptor.target_for(dst).map(|t| t.to_string());
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         // Read /proc at once: the caller may be short-lived.
@@ -302,6 +325,8 @@ impl Shared {
                         let conn = Arc::new(http::Conn::new(
                             http::ConnParts {
                                 audit: self.audit.clone(),
+                                on_failure: self.settings.on_audit_failure,
+                                stats: self.stats.clone(),
                                 capture_limit: self.settings.capture_limit,
                                 tracker: self.tracker.clone(),
                                 correlator: self.correlator.clone(),
@@ -357,7 +382,8 @@ impl Shared {
             process,
         });
         if let Err(e) = self.audit.append(event).await {
-            tracing::error!(error = %e, %peer, %dst, "could not record a connection");
+            self.stats.audit_losses.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, %peer, %dst, "could not record a connection: it is missing from the trail");
         }
     }
 }
