@@ -106,7 +106,7 @@ fn the_agent_signs_its_trail_and_verify_catches_an_edit() {
         let db = rocksdb::DB::open_cf(
             &rocksdb::Options::default(),
             state.join("trail"),
-            ["records", "chain", "checkpoints"],
+            ["records", "chain", "checkpoints", "meta"],
         )
         .unwrap();
         let cf = db.cf_handle("records").unwrap();
@@ -123,4 +123,62 @@ fn the_agent_signs_its_trail_and_verify_catches_an_edit() {
         "{said}"
     );
     assert!(said.contains("changed after it was written"), "{said}");
+}
+
+#[test]
+fn retention_cuts_at_a_checkpoint_and_the_rest_still_verifies() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let site = work.path().join("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("index.html"), "hi").unwrap();
+    let port = free_port();
+    let _server = http_server(&site, port);
+    let cgroup = TestCgroup::new("retain");
+    let state = work.path().join("state");
+    let target = [format!("127.0.0.1:{port}")];
+    let mut agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &target,
+        &["--checkpoint-every", "2"],
+        false,
+    );
+    for _ in 0..6 {
+        let ok = cgroup
+            .command("curl")
+            .args(["-sS", "--fail", "-o", "/dev/null"])
+            .arg(format!("http://127.0.0.1:{port}/index.html"))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    assert!(agent.stop().success());
+    let before = records(&state).len();
+    assert!(before >= 14, "{before}");
+
+    // Restarted over a size limit it cannot meet: the oldest quarter goes at once.
+    let mut again = Agent::start_with(&state, &cgroup, &target, &["--retain-mb", "0"], false);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = again.log();
+    assert!(again.stop().success());
+    let after = records(&state);
+    // The second run added its start and stop; retention took the oldest records.
+    assert!(
+        after.len() < before + 2,
+        "nothing was removed: {} records\n{log}",
+        after.len()
+    );
+    let first = after[0].seq;
+    assert!(first > 1);
+    let out = mcptrail(&state, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(&format!(
+            "records up to {} were removed by retention",
+            first - 1
+        )),
+        "{said}"
+    );
 }

@@ -10,6 +10,9 @@ use super::chain::Hash;
 
 /// Domain separation, so a checkpoint signature can never be taken for anything else.
 const CONTEXT: &[u8] = b"mcptrail checkpoint v1\0";
+/// A retention anchor says more than a checkpoint: that every record up to `seq` was removed
+/// on purpose. Its own context keeps a checkpoint from being passed off as one.
+const ANCHOR_CONTEXT: &[u8] = b"mcptrail retention anchor v1\0";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
@@ -25,9 +28,9 @@ pub struct Checkpoint {
     pub signature: String,
 }
 
-fn message(seq: u64, hash: &Hash, time: &str) -> Vec<u8> {
-    let mut m = Vec::with_capacity(CONTEXT.len() + 8 + 32 + time.len());
-    m.extend_from_slice(CONTEXT);
+fn message(context: &[u8], seq: u64, hash: &Hash, time: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(context.len() + 8 + 32 + time.len());
+    m.extend_from_slice(context);
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(hash);
     m.extend_from_slice(time.as_bytes());
@@ -36,7 +39,22 @@ fn message(seq: u64, hash: &Hash, time: &str) -> Vec<u8> {
 
 impl Checkpoint {
     pub fn sign(key: &SigningKey, seq: u64, hash: &Hash, time: String) -> Checkpoint {
-        let signature = key.sign(&message(seq, hash, &time));
+        Self::sign_with(CONTEXT, key, seq, hash, time)
+    }
+
+    /// Signs a retention anchor: records up to `seq` (whose chain hash is `hash`) were removed.
+    pub fn sign_anchor(key: &SigningKey, seq: u64, hash: &Hash, time: String) -> Checkpoint {
+        Self::sign_with(ANCHOR_CONTEXT, key, seq, hash, time)
+    }
+
+    fn sign_with(
+        context: &[u8],
+        key: &SigningKey,
+        seq: u64,
+        hash: &Hash,
+        time: String,
+    ) -> Checkpoint {
+        let signature = key.sign(&message(context, seq, hash, &time));
         Checkpoint {
             v: 1,
             seq,
@@ -49,6 +67,15 @@ impl Checkpoint {
 
     /// Checks the signature against `key`; Err says what is wrong.
     pub fn verify(&self, key: &VerifyingKey) -> Result<Hash, String> {
+        self.verify_with(CONTEXT, key)
+    }
+
+    /// Checks a retention anchor's signature.
+    pub fn verify_anchor(&self, key: &VerifyingKey) -> Result<Hash, String> {
+        self.verify_with(ANCHOR_CONTEXT, key)
+    }
+
+    fn verify_with(&self, context: &[u8], key: &VerifyingKey) -> Result<Hash, String> {
         let hash: Hash = hex::decode(&self.hash)
             .ok()
             .and_then(|h| h.try_into().ok())
@@ -64,7 +91,7 @@ impl Checkpoint {
             ));
         }
         key.verify(
-            &message(self.seq, &hash, &self.time),
+            &message(context, self.seq, &hash, &self.time),
             &Signature::from_bytes(&sig),
         )
         .map_err(|_| "its signature does not verify".to_owned())?;
@@ -100,5 +127,15 @@ mod tests {
         time.time = "2026-11-26T10:00:01Z".into();
         assert!(time.verify(&vk).is_err());
         assert!(cp.verify(&key(2).verifying_key()).is_err(), "another key");
+    }
+
+    #[test]
+    fn a_checkpoint_is_not_an_anchor_and_back() {
+        let vk = key(1).verifying_key();
+        let cp = Checkpoint::sign(&key(1), 7, &[9; 32], "t".into());
+        let anchor = Checkpoint::sign_anchor(&key(1), 7, &[9; 32], "t".into());
+        assert!(cp.verify_anchor(&vk).is_err());
+        assert!(anchor.verify(&vk).is_err());
+        assert_eq!(anchor.verify_anchor(&vk), Ok([9; 32]));
     }
 }

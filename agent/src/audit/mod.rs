@@ -28,6 +28,9 @@ pub const CF_RECORDS: &str = "records";
 pub const CF_CHAIN: &str = "chain";
 /// Signed checkpoints by the sequence number they cover.
 pub const CF_CHECKPOINTS: &str = "checkpoints";
+/// Small facts about the trail; `anchor` is the signed statement of the last retention cut.
+pub const CF_META: &str = "meta";
+pub const META_ANCHOR: &[u8] = b"anchor";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {

@@ -11,7 +11,10 @@ use rocksdb::{DB, Direction, IteratorMode, Options};
 use super::chain::Hash;
 use super::checkpoint::Checkpoint;
 use super::record::Record;
-use super::{AuditError, CF_CHAIN, CF_CHECKPOINTS, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
+use super::{
+    AuditError, CF_CHAIN, CF_CHECKPOINTS, CF_META, CF_RECORDS, META_ANCHOR, TRAIL_DIR, key_seq,
+    seq_key,
+};
 
 /// A record as stored, with its chain hash.
 #[derive(Debug, Clone)]
@@ -72,7 +75,7 @@ impl Reader {
                 path: path.clone(),
                 source,
             })?;
-        let cfs: Vec<&str> = [CF_RECORDS, CF_CHAIN, CF_CHECKPOINTS]
+        let cfs: Vec<&str> = [CF_RECORDS, CF_CHAIN, CF_CHECKPOINTS, CF_META]
             .into_iter()
             .filter(|cf| present.iter().any(|p| p == cf))
             .collect();
@@ -172,6 +175,19 @@ impl Reader {
             ));
         }
         Ok(out)
+    }
+
+    /// The signed retention anchor, if retention ever removed records; Err when it does not
+    /// parse.
+    pub fn anchor(&self) -> Result<Option<Result<Checkpoint, String>>, AuditError> {
+        let Some(cf) = self.db.cf_handle(CF_META) else {
+            return Ok(None);
+        };
+        Ok(self
+            .db
+            .get_cf(&cf, META_ANCHOR)
+            .map_err(AuditError::Read)?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| e.to_string())))
     }
 
     /// Up to `limit` records with sequence numbers from `from` on, in order.

@@ -21,7 +21,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::chain::{self, GENESIS, Hash};
 use super::checkpoint::Checkpoint;
 use super::record::{Event, PreviousRun, Record, SCHEMA_VERSION, now_rfc3339};
-use super::{AuditError, CF_CHAIN, CF_CHECKPOINTS, CF_RECORDS, TRAIL_DIR, key_seq, seq_key};
+use super::{
+    AuditError, CF_CHAIN, CF_CHECKPOINTS, CF_META, CF_RECORDS, META_ANCHOR, TRAIL_DIR, key_seq,
+    seq_key,
+};
 
 /// Most records sealed into one batch; bounds the latency one fsync adds to the first writer.
 const MAX_GROUP: usize = 1024;
@@ -70,7 +73,40 @@ pub enum Durability {
     Buffered(Duration),
 }
 
+/// How long and how much of the trail to keep; `None` keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+}
+
+/// The first sequence number to keep under `retention`, from the trail's record times
+/// (oldest first, as `(seq, unix seconds)`) and its size on disk. Pure, for testing.
+pub fn retention_cutoff(
+    times: &[(u64, i64)],
+    now: i64,
+    size: u64,
+    retention: &Retention,
+) -> Option<u64> {
+    let (first, last) = (times.first()?.0, times.last()?.0);
+    let mut cutoff = first;
+    if let Some(age) = retention.max_age {
+        let oldest_kept = now - age.as_secs() as i64;
+        // Everything before the first record young enough to keep.
+        cutoff = times
+            .iter()
+            .find(|(_, t)| *t >= oldest_kept)
+            .map_or(last + 1, |(s, _)| *s);
+    }
+    if retention.max_bytes.is_some_and(|max| size > max) {
+        // Over the size: let the oldest quarter go (at least one record).
+        cutoff = cutoff.max(first + ((last - first + 1) / 4).max(1));
+    }
+    (cutoff > first).then_some(cutoff)
+}
+
 pub struct Store {
+    path: PathBuf,
     db: Arc<DB>,
     durability: Durability,
     head: Head,
@@ -114,6 +150,7 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
         ColumnFamilyDescriptor::new(CF_RECORDS, records),
         ColumnFamilyDescriptor::new(CF_CHAIN, Options::default()),
         ColumnFamilyDescriptor::new(CF_CHECKPOINTS, Options::default()),
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
     ]
 }
 
@@ -126,6 +163,7 @@ impl Store {
         let head = read_head(&db)?;
         let checkpointed = last_key(&db, CF_CHECKPOINTS)?.unwrap_or(0);
         Ok(Store {
+            path: state_dir.join(TRAIL_DIR),
             db: Arc::new(db),
             durability: Durability::Sync,
             head,
@@ -166,6 +204,97 @@ impl Store {
             seq_key(head.seq),
             serde_json::to_vec(&cp).expect("checkpoints serialise"),
         );
+    }
+
+    /// Removes the records that `retention` lets go, up to the newest checkpoint before its
+    /// cutoff, and leaves a signed anchor so that the rest still verifies. Returns how many
+    /// records went.
+    pub fn retain(&mut self, retention: &Retention) -> Result<u64, AuditError> {
+        self.retain_at(retention, chrono::Utc::now().timestamp())
+    }
+
+    /// `retain` as if it were `now` (unix seconds).
+    pub fn retain_at(&mut self, retention: &Retention, now: i64) -> Result<u64, AuditError> {
+        if retention.max_age.is_none() && retention.max_bytes.is_none() {
+            return Ok(0);
+        }
+        let records = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let mut times = Vec::new();
+        for item in self.db.iterator_cf(&records, IteratorMode::Start) {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            let (Some(seq), Ok(rec)) = (key_seq(&key), serde_json::from_slice::<Record>(&value))
+            else {
+                continue;
+            };
+            let t = chrono::DateTime::parse_from_rfc3339(rec.event.time())
+                .map(|t| t.timestamp())
+                .unwrap_or(0);
+            times.push((seq, t));
+        }
+        let size = dir_size(&self.path);
+        let Some(cutoff) = retention_cutoff(&times, now, size, retention) else {
+            return Ok(0);
+        };
+        tracing::info!(
+            cutoff,
+            size,
+            records = times.len(),
+            "retention: records before the cutoff may go"
+        );
+        // The cut goes at a signed checkpoint: the anchor then vouches for a hash that was
+        // signed while the records it covers still existed.
+        let checkpoints = self
+            .db
+            .cf_handle(CF_CHECKPOINTS)
+            .expect("checkpoints CF opened");
+        let mut anchor_at = None;
+        for item in self.db.iterator_cf(
+            &checkpoints,
+            IteratorMode::From(&seq_key(cutoff), rocksdb::Direction::Reverse),
+        ) {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            let Some(seq) = key_seq(&key) else { continue };
+            if seq >= cutoff {
+                continue;
+            }
+            if let Ok(cp) = serde_json::from_slice::<Checkpoint>(&value) {
+                anchor_at = Some(cp);
+                break;
+            }
+        }
+        let Some(cp) = anchor_at else {
+            return Ok(0);
+        };
+        let hash: Hash = hex::decode(&cp.hash)
+            .ok()
+            .and_then(|h| h.try_into().ok())
+            .ok_or(AuditError::BadChain(cp.seq))?;
+        let anchor = Checkpoint::sign_anchor(&self.key, cp.seq, &hash, now_rfc3339());
+        let chain_cf = self.db.cf_handle(CF_CHAIN).expect("chain CF opened");
+        let meta = self.db.cf_handle(CF_META).expect("meta CF opened");
+        let (from, to) = (seq_key(0), seq_key(cp.seq + 1));
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(&records, from, to);
+        batch.delete_range_cf(&chain_cf, from, to);
+        batch.delete_range_cf(&checkpoints, from, to);
+        batch.put_cf(
+            &meta,
+            META_ANCHOR,
+            serde_json::to_vec(&anchor).expect("anchors serialise"),
+        );
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(AuditError::Write)?;
+        for cf in [&records, &chain_cf] {
+            self.db.compact_range_cf(cf, None::<&[u8]>, Some(&to));
+        }
+        let removed = times.iter().filter(|(s, _)| *s <= cp.seq).count() as u64;
+        tracing::info!(
+            removed,
+            through = cp.seq,
+            "retention removed old records; a signed anchor keeps the rest verifiable"
+        );
+        Ok(removed)
     }
 
     /// Signs a checkpoint of the head now, if anything was written since the last one.
@@ -317,6 +446,19 @@ fn read_head(db: &DB) -> Result<Head, AuditError> {
     }
 }
 
+fn dir_size(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -329,6 +471,7 @@ struct Pending {
 }
 
 enum Request {
+    Retain(Retention, oneshot::Sender<Result<u64, String>>),
     // Boxed: an event is a few hundred bytes, and the queue holds thousands of requests.
     Append(Box<Pending>),
     Checkpoint(oneshot::Sender<Result<(), String>>),
@@ -341,6 +484,9 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<A
         let mut next = Some(first);
         while let Some(req) = next.take() {
             match req {
+                Request::Retain(retention, done) => {
+                    let _ = done.send(store.retain(&retention).map_err(|e| e.to_string()));
+                }
                 Request::Append(p) => group.push(*p),
                 Request::Checkpoint(done) => checkpoints.push(done),
             }
@@ -416,6 +562,20 @@ impl AuditLog {
         }
     }
 
+    /// Applies the retention policy; returns how many records went.
+    pub async fn retain(&self, retention: Retention) -> Result<u64, AuditError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Request::Retain(retention, done))
+            .await
+            .map_err(|_| AuditError::WriterGone)?;
+        match wait.await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(msg)) => Err(AuditError::Rejected(msg)),
+            Err(_) => Err(AuditError::WriterGone),
+        }
+    }
+
     /// Signs a checkpoint of everything written so far (nothing if nothing is new).
     pub async fn checkpoint(&self) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
@@ -460,6 +620,27 @@ mod tests {
         assert!(prev.ended_cleanly);
         assert_eq!(prev.last_seq, 2);
         assert_eq!(store.append_group(&[stop("c")]).unwrap(), [3]);
+    }
+
+    #[test]
+    fn retention_cutoffs() {
+        let times: Vec<(u64, i64)> = (1..=8).map(|s| (s, 1000 + s as i64 * 100)).collect();
+        let keep_all = Retention::default();
+        assert_eq!(retention_cutoff(&times, 5000, 10, &keep_all), None);
+        // Records older than 350 s at now=1800: times 1100..1400 are older than 1450.
+        let age = Retention {
+            max_age: Some(Duration::from_secs(350)),
+            max_bytes: None,
+        };
+        assert_eq!(retention_cutoff(&times, 1800, 10, &age), Some(5));
+        // Too big: the oldest quarter goes.
+        let size = Retention {
+            max_age: None,
+            max_bytes: Some(100),
+        };
+        assert_eq!(retention_cutoff(&times, 1800, 1000, &size), Some(3));
+        assert_eq!(retention_cutoff(&times, 1800, 50, &size), None);
+        assert_eq!(retention_cutoff(&[], 0, 0, &size), None);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Report {
     pub last_checkpoint: Option<u64>,
     /// Records after the newest checkpoint: chained but not yet signed.
     pub unsigned_tail: u64,
+    /// Retention removed every record up to this one; a signed anchor vouches for the cut.
+    pub anchor: Option<u64>,
     pub problems: Vec<Problem>,
 }
 
@@ -58,10 +60,38 @@ pub fn verify(
     let mut seen: BTreeSet<u64> = BTreeSet::new();
     let mut expected = from;
     let mut prev: Option<Hash> = (from == 1).then_some(GENESIS);
+    // A retention cut: the trail now starts after the anchor, chained to its signed hash.
+    match reader.anchor()? {
+        None => {}
+        Some(Err(e)) => {
+            report_problem(
+                &mut report.problems,
+                from,
+                format!("the retention anchor does not parse ({e})"),
+            );
+        }
+        Some(Ok(anchor)) => match anchor.verify_anchor(key) {
+            Err(why) => report_problem(
+                &mut report.problems,
+                anchor.seq,
+                format!(
+                    "the retention anchor at {} is not genuine: {why}",
+                    anchor.seq
+                ),
+            ),
+            Ok(hash) => {
+                report.anchor = Some(anchor.seq);
+                if expected <= anchor.seq + 1 {
+                    expected = anchor.seq + 1;
+                    prev = Some(hash);
+                }
+            }
+        },
+    }
     let mut problem = |seq: u64, what: String| report_problem(&mut report.problems, seq, what);
 
     let mut walk_err = None;
-    reader.raw_range(from, to, |entry| {
+    reader.raw_range(expected, to, |entry| {
         let Some(seq) = entry.seq else {
             problem(expected, format!("a record is stored under a key that is not a sequence number ({})", hex::encode(&entry.key)));
             return true;
@@ -243,7 +273,7 @@ mod tests {
         DB::open_cf(
             &Options::default(),
             dir.join(TRAIL_DIR),
-            [CF_RECORDS, CF_CHAIN, CF_CHECKPOINTS],
+            [CF_RECORDS, CF_CHAIN, CF_CHECKPOINTS, crate::audit::CF_META],
         )
         .unwrap()
     }
@@ -402,6 +432,87 @@ mod tests {
         let other = ed25519_dalek::SigningKey::from_bytes(&[3; 32]).verifying_key();
         let r = check(dir.path(), &other);
         assert!(first_problem(&r).what.contains("signed by key"), "{r:?}");
+    }
+
+    #[test]
+    fn retention_leaves_a_trail_that_still_verifies_and_a_cut_that_cannot_be_faked() {
+        let (dir, key) = trail();
+        {
+            let mut store = Store::open(dir.path()).unwrap();
+            // Keep nothing older than an hour: everything is younger, so nothing goes...
+            let young = crate::audit::store::Retention {
+                max_age: Some(Duration::from_secs(3600)),
+                max_bytes: None,
+            };
+            assert_eq!(store.retain(&young).unwrap(), 0);
+            // ...and over a size of 1 byte the oldest quarter (up to 5) would go, but a cut
+            // needs a checkpoint before it...
+            let small = crate::audit::store::Retention {
+                max_age: None,
+                max_bytes: Some(1),
+            };
+            assert_eq!(
+                store.retain(&small).unwrap(),
+                0,
+                "no checkpoint before record 6"
+            );
+            store.set_checkpoint_policy(CheckpointPolicy {
+                every_records: 5,
+                every: Duration::from_secs(3600),
+            });
+            for i in 0..10 {
+                store.append_group(&[stop(100 + i)]).unwrap();
+            }
+            // 30 records, checkpoints at 10, 20, 25, 30: the oldest quarter ends before 8,
+            // and there is no checkpoint to cut at before it.
+            assert_eq!(store.retain(&small).unwrap(), 0);
+            let old = crate::audit::store::Retention {
+                max_age: Some(Duration::from_secs(0)),
+                max_bytes: None,
+            };
+            // An hour from now everything is older than 0 s: cut at the newest checkpoint, 30.
+            let later = chrono::Utc::now().timestamp() + 3600;
+            assert_eq!(store.retain_at(&old, later).unwrap(), 30);
+            for i in 0..3 {
+                store.append_group(&[stop(200 + i)]).unwrap();
+            }
+            store.checkpoint_now().unwrap();
+        }
+        let r = check(dir.path(), &key);
+        assert!(r.ok(), "{r:?}");
+        assert_eq!((r.anchor, r.first, r.records), (Some(30), Some(31), 3));
+
+        // Cutting more than the anchor says is a gap...
+        {
+            let db = raw(dir.path());
+            del(&db, CF_RECORDS, 31);
+            del(&db, CF_CHAIN, 31);
+        }
+        assert!(
+            first_problem(&check(dir.path(), &key))
+                .what
+                .contains("record 31 is missing")
+        );
+        // ...and an anchor re-signed by anyone else does not verify.
+        {
+            let db = raw(dir.path());
+            let other = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+            let mut forged = Checkpoint::sign_anchor(&other, 31, &[0; 32], now_rfc3339());
+            forged.public_key = hex::encode(key.to_bytes());
+            db.put_cf(
+                &db.cf_handle(crate::audit::CF_META).unwrap(),
+                crate::audit::META_ANCHOR,
+                serde_json::to_vec(&forged).unwrap(),
+            )
+            .unwrap();
+        }
+        let r = check(dir.path(), &key);
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.what.contains("retention anchor at 31 is not genuine")),
+            "{r:?}"
+        );
     }
 
     #[test]

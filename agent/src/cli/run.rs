@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::record::{AgentStart, AgentStop, Event, TargetsChanged, now_rfc3339};
-use crate::audit::store::{CheckpointPolicy, Durability};
+use crate::audit::store::{CheckpointPolicy, Durability, Retention};
 use crate::audit::{AuditLog, Store};
 use crate::control::{self, Request};
 use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
@@ -19,6 +19,8 @@ use crate::policy::Policy;
 use crate::proxy::{self, OnAuditFailure, Proxy, Stats};
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15811;
+/// How often the retention policy is applied.
+const RETENTION_CHECK: Duration = Duration::from_secs(60);
 /// SO_MARK on the agent's upstream sockets: "mctr" in ASCII. Change it with --upstream-mark if
 /// the host's policy routing already uses this value.
 pub const DEFAULT_UPSTREAM_MARK: u32 = 0x6d63_7472;
@@ -81,6 +83,16 @@ pub struct RunArgs {
     /// agent runs again, and a restarted agent adopts the pinned programs.
     #[arg(long, value_enum, default_value_t = FailMode::Open)]
     pub fail_mode: FailMode,
+
+    /// Remove records older than this many days (at a signed checkpoint, leaving a signed
+    /// anchor so the rest still verifies). Default: keep everything.
+    #[arg(long, value_name = "DAYS")]
+    pub retain_days: Option<u64>,
+
+    /// Keep the trail under this many MiB on disk, removing the oldest records first (same
+    /// anchoring). Default: no limit.
+    #[arg(long, value_name = "MIB")]
+    pub retain_mb: Option<u64>,
 
     /// Sign a checkpoint of the trail after this many records...
     #[arg(long, value_name = "N", default_value_t = 1000)]
@@ -387,12 +399,24 @@ async fn supervise(
     let every = Duration::from_secs(args.checkpoint_interval);
     let mut sign = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     sign.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retention = Retention {
+        max_age: args.retain_days.map(|d| Duration::from_secs(d * 86_400)),
+        max_bytes: args.retain_mb.map(|m| m * 1024 * 1024),
+    };
+    let mut prune = tokio::time::interval(RETENTION_CHECK);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {
             _ = term.recv() => return Ok("SIGTERM"),
             _ = int.recv() => return Ok("SIGINT"),
             _ = hup.recv() => "SIGHUP",
             _ = tick.tick(), if args.resolve_interval > 0 => "re-resolve",
+            _ = prune.tick(), if retention != Retention::default() => {
+                if let Err(e) = audit.retain(retention).await {
+                    tracing::error!(error = %e, "applying the retention policy failed");
+                }
+                continue;
+            }
             _ = sign.tick() => {
                 // An idle trail gets its newest records signed too.
                 if let Err(e) = audit.checkpoint().await {

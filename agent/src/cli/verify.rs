@@ -53,6 +53,11 @@ pub fn run(state_dir: &Path, args: VerifyArgs) -> anyhow::Result<()> {
                 .map_or("none".into(), |s| s.to_string()),
             report.unsigned_tail,
         );
+        if let Some(anchor) = report.anchor {
+            println!(
+                "    records up to {anchor} were removed by retention; a signed anchor vouches for the cut"
+            );
+        }
     } else {
         println!(
             "BROKEN: the trail breaks at record {} ({} problems in {} records checked):",
