@@ -97,6 +97,44 @@ pub fn line(r: &StoredRecord) -> String {
     format!("#{} {} {} {}", rec.seq, time, rec.event.kind(), details)
 }
 
+/// The line with its kind coloured for a terminal: what needs a look (refusals, errors,
+/// malformed or mismatched messages) in red, MCP traffic in cyan, the agent's own records dim.
+pub fn colored_line(r: &StoredRecord) -> String {
+    use anstyle::{AnsiColor, Style};
+    let plain = line(r);
+    let kind = r.record.event.kind();
+    let alarm = match &r.record.event {
+        Event::Refused(_) => true,
+        Event::Mcp(m) => {
+            m.malformed.is_some()
+                || m.header_mismatch.is_some()
+                || m.message == Some(crate::mcp::Kind::Error)
+        }
+        Event::Connection(c) => c.outcome.status != Status::Closed,
+        Event::Http(h) => h.error.is_some() || h.http.status.is_some_and(|s| s >= 500),
+        _ => false,
+    };
+    let style = if alarm {
+        Style::new().fg_color(Some(AnsiColor::Red.into())).bold()
+    } else {
+        match kind {
+            "mcp" => Style::new().fg_color(Some(AnsiColor::Cyan.into())),
+            "agent_start" | "agent_stop" | "targets_changed" => Style::new().dimmed(),
+            _ => Style::new(),
+        }
+    };
+    // Colour the kind word only: the rest stays easy to copy.
+    let marker = format!(" {kind} ");
+    match plain.find(&marker) {
+        Some(at) => format!(
+            "{}{style} {kind} {style:#}{}",
+            &plain[..at],
+            &plain[at + marker.len()..]
+        ),
+        None => plain,
+    }
+}
+
 fn status_word(s: Status) -> &'static str {
     match s {
         Status::Closed => "closed",
@@ -196,6 +234,25 @@ mod tests {
             line,
             "#42 2026-11-26T10:00:00Z refused 127.0.0.1:1 -> 127.0.0.1:2: no redirect origin"
         );
+    }
+
+    #[test]
+    fn refusals_are_red_and_the_text_is_unchanged() {
+        let r = stored(Event::Refused(RefusedEvent {
+            time: "2026-11-26T10:00:00Z".into(),
+            client: "127.0.0.1:1".into(),
+            proxy: "127.0.0.1:2".into(),
+            reason: "no redirect origin".into(),
+        }));
+        let colored = colored_line(&r);
+        assert!(
+            colored.contains("\u{1b}[1m\u{1b}[31m refused \u{1b}[0m"),
+            "{colored:?}"
+        );
+        let stripped = colored
+            .replace("\u{1b}[1m\u{1b}[31m", "")
+            .replace("\u{1b}[0m", "");
+        assert_eq!(stripped, line(&r));
     }
 
     #[test]

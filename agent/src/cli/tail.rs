@@ -28,11 +28,42 @@ pub struct TailArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Colour the kind of each line: `auto` when standard output is a terminal.
+    #[arg(long, value_enum, default_value_t = ColorWhen::Auto)]
+    pub color: ColorWhen,
+
     #[command(flatten)]
     pub filter: FilterArgs,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorWhen {
+    Auto,
+    Always,
+    Never,
+}
+
+/// How lines are printed.
+#[derive(Clone, Copy)]
+enum Style {
+    Json,
+    Plain,
+    Colored,
+}
+
 pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
+    let style = if args.json {
+        Style::Json
+    } else {
+        match args.color {
+            ColorWhen::Always => Style::Colored,
+            ColorWhen::Never => Style::Plain,
+            ColorWhen::Auto if std::io::IsTerminal::is_terminal(&std::io::stdout()) => {
+                Style::Colored
+            }
+            ColorWhen::Auto => Style::Plain,
+        }
+    };
     let filter = args.filter.build()?;
     let reader = Reader::open(state_dir)?;
     let last = reader.last_seq()?.unwrap_or(0);
@@ -58,7 +89,7 @@ pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
         }
         let mut out = stdout.lock();
         for r in &newest {
-            if !print(&mut out, r, args.json)? {
+            if !print(&mut out, r, style)? {
                 return Ok(());
             }
         }
@@ -73,7 +104,7 @@ pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
                 continue;
             }
             // The reader went away (a closed pipe): that is a normal end for tail.
-            if !print(&mut out, r, args.json)? {
+            if !print(&mut out, r, style)? {
                 return Ok(());
             }
         }
@@ -96,11 +127,11 @@ pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
 }
 
 /// Prints one record; false when the reader has gone (a closed pipe).
-fn print(out: &mut impl std::io::Write, r: &StoredRecord, json: bool) -> anyhow::Result<bool> {
-    let line = if json {
-        r.to_json().to_string()
-    } else {
-        format::line(r)
+fn print(out: &mut impl std::io::Write, r: &StoredRecord, style: Style) -> anyhow::Result<bool> {
+    let line = match style {
+        Style::Json => r.to_json().to_string(),
+        Style::Plain => format::line(r),
+        Style::Colored => format::colored_line(r),
     };
     match writeln!(out, "{line}") {
         Ok(()) => Ok(true),
