@@ -197,3 +197,47 @@ mod tests {
         assert_eq!((m[0].kind, m[0].id.clone()), (Kind::Error, Some(json!(7))));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever bytes arrive, parsing answers (never panics), and what it accepts
+        /// re-serialises to JSON that parses the same way.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_values_are_classified_or_refused(
+            id in prop_oneof![Just(None), any::<i64>().prop_map(|i| Some(serde_json::json!(i))), "[a-z0-9]{0,8}".prop_map(|s| Some(serde_json::json!(s)))],
+            method in proptest::option::of("[a-z/]{1,20}"),
+            has_result in any::<bool>(),
+            has_error in any::<bool>(),
+        ) {
+            let mut obj = serde_json::Map::new();
+            obj.insert("jsonrpc".into(), "2.0".into());
+            if let Some(id) = &id { obj.insert("id".into(), id.clone()); }
+            if let Some(m) = &method { obj.insert("method".into(), m.clone().into()); }
+            if has_result { obj.insert("result".into(), serde_json::json!({})); }
+            if has_error { obj.insert("error".into(), serde_json::json!({"code": 1})); }
+            let bytes = serde_json::to_vec(&serde_json::Value::Object(obj)).unwrap();
+            match parse(&bytes) {
+                Ok((m, false)) => {
+                    let kind = m[0].kind;
+                    match (&method, &id) {
+                        (Some(_), Some(_)) => prop_assert_eq!(kind, Kind::Request),
+                        (Some(_), None) => prop_assert_eq!(kind, Kind::Notification),
+                        (None, _) => prop_assert!(matches!(kind, Kind::Response | Kind::Error)),
+                    }
+                }
+                Ok((_, true)) => prop_assert!(false, "a single object is not a batch"),
+                Err(McpError::NotJsonRpc(_)) => prop_assert!(method.is_none() && has_result == has_error),
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@
 pub mod correlate;
 pub mod http;
 pub mod relay;
+mod sse_props;
 pub mod upstream;
 
 use std::net::SocketAddr;
