@@ -24,6 +24,10 @@ pub struct Correlator {
 struct Inner {
     open: HashMap<Key, String>,
     order: VecDeque<Key>,
+    /// SSE event ids already recorded, by session: a stream resumed with `Last-Event-ID`
+    /// may replay what an earlier stream carried.
+    seen: std::collections::HashSet<(String, String)>,
+    seen_order: VecDeque<(String, String)>,
 }
 
 impl Correlator {
@@ -64,6 +68,22 @@ impl Correlator {
         let key = (session.to_owned(), request_direction, id.to_owned());
         let inner = self.inner.lock().expect("correlator lock poisoned");
         inner.open.get(&key).cloned()
+    }
+
+    /// True the first time an SSE event id is seen in a session, false for a replay.
+    pub fn first_sight(&self, session: &str, event_id: &str) -> bool {
+        let key = (session.to_owned(), event_id.to_owned());
+        let mut inner = self.inner.lock().expect("correlator lock poisoned");
+        if !inner.seen.insert(key.clone()) {
+            return false;
+        }
+        inner.seen_order.push_back(key);
+        while inner.seen_order.len() > CAPACITY {
+            if let Some(old) = inner.seen_order.pop_front() {
+                inner.seen.remove(&old);
+            }
+        }
+        true
     }
 
     /// Remembers the request that asked for progress under `token`.
@@ -141,6 +161,15 @@ mod tests {
             Some("ex-3")
         );
         assert_eq!(c.progress("other", "\"tok\""), None);
+    }
+
+    #[test]
+    fn replayed_events_are_told_apart_per_session() {
+        let c = Correlator::default();
+        assert!(c.first_sight("s1", "ev-1"));
+        assert!(!c.first_sight("s1", "ev-1"), "a replay after Last-Event-ID");
+        assert!(c.first_sight("s2", "ev-1"), "another session");
+        assert!(c.first_sight("s1", "ev-2"));
     }
 
     #[test]

@@ -884,6 +884,13 @@ impl Observed {
                         let Some(data) = event.data.filter(|d| !d.is_empty()) else {
                             continue;
                         };
+                        // A stream resumed with Last-Event-ID can replay events an earlier
+                        // stream carried: they are in the trail already.
+                        if let (Some(id), Some(session)) = (&event.id, &self.session)
+                            && !self.conn.correlator.first_sight(session, id)
+                        {
+                            continue;
+                        }
                         if event.event.as_deref() == Some("endpoint") {
                             // Legacy HTTP+SSE: the stream names the URL to POST to, and with
                             // it the session its answers belong to.
