@@ -294,3 +294,86 @@ fn upgrades_and_connect_tunnels_are_relayed_after_the_switch() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn big_bodies_pass_whole_and_are_recorded_cut_with_a_marker() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new("python3")
+        .arg(fixture("jsonrpc_echo.py"))
+        .arg(port.to_string())
+        .spawn()
+        .unwrap();
+    let _server = Reaped(child);
+    wait_listening(&format!("127.0.0.1:{port}"), WAIT);
+    let cgroup = TestCgroup::new("bigbody");
+    let state = work.path().join("state");
+    let _agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{port}")],
+        &["--capture-limit", "65536"],
+        false,
+    );
+    let big = "x".repeat(1024 * 1024);
+    let body = work.path().join("body.json");
+    std::fs::write(
+        &body,
+        format!(
+            r#"{{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{big}"}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let (pid, out) = curl(
+        &cgroup,
+        &[
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &format!("@{}", body.display()),
+            &format!("http://127.0.0.1:{port}/mcp"),
+        ],
+    );
+    let (answer, status) = out.rsplit_once('\n').unwrap();
+    assert_eq!(status, "200");
+    let answer: serde_json::Value = serde_json::from_str(answer).unwrap();
+    assert_eq!(
+        answer["result"]["echo"]["arguments"]["text"]
+            .as_str()
+            .unwrap()
+            .len(),
+        big.len(),
+        "forwarding is not bounded by capture"
+    );
+
+    let request = wait_for_record(
+        &state,
+        WAIT,
+        "of the big call",
+        |r| matches!(&r.event, Event::Mcp(e) if e.process.pid == pid && e.method.is_some()),
+    );
+    let Event::Mcp(request) = request.event else {
+        unreachable!()
+    };
+    assert_eq!(
+        request.name.as_deref(),
+        Some("echo"),
+        "method and name survive the cut"
+    );
+    let params = request.params.unwrap();
+    assert_eq!(params["mcptrail_truncated"], true, "{params}");
+    assert!(params["bytes"].as_u64().unwrap() > 1024 * 1024);
+    assert!(params["head"].as_str().unwrap().len() <= 65536);
+    let outcome = wait_for_record(
+        &state,
+        WAIT,
+        "of the big answer",
+        |r| matches!(&r.event, Event::Mcp(e) if e.process.pid == pid && e.result.is_some()),
+    );
+    let Event::Mcp(outcome) = outcome.event else {
+        unreachable!()
+    };
+    assert_eq!(outcome.exchange, request.exchange);
+    assert_eq!(outcome.result.unwrap()["mcptrail_truncated"], true);
+}

@@ -111,6 +111,24 @@ pub fn classify(value: Value) -> Result<Message, McpError> {
     })
 }
 
+/// A JSON value bounded for the record: itself when its JSON text fits in `limit` bytes,
+/// else a marker saying it was cut, how big it was, and its first `limit` bytes of text.
+pub fn bounded(value: serde_json::Value, limit: usize) -> serde_json::Value {
+    let text = value.to_string();
+    if text.len() <= limit {
+        return value;
+    }
+    let mut cut = limit;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    serde_json::json!({
+        "mcptrail_truncated": true,
+        "bytes": text.len(),
+        "head": &text[..cut],
+    })
+}
+
 /// The JSON-RPC error body the proxy answers with when the gateway cannot be reached.
 pub fn error_body(id: &Value, message: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
@@ -188,6 +206,21 @@ mod tests {
             parse(br#"{"jsonrpc":"2.0","id":1}"#),
             Err(McpError::NotJsonRpc(_))
         ));
+    }
+
+    #[test]
+    fn big_values_are_cut_with_a_marker() {
+        let small = json!({"a": 1});
+        assert_eq!(bounded(small.clone(), 100), small);
+        let big = json!({"text": "é".repeat(100)});
+        let cut = bounded(big.clone(), 21);
+        assert_eq!(cut["mcptrail_truncated"], true);
+        assert_eq!(cut["bytes"], big.to_string().len());
+        let head = cut["head"].as_str().unwrap();
+        assert!(
+            head.len() <= 21 && big.to_string().starts_with(head),
+            "{head}"
+        );
     }
 
     #[test]

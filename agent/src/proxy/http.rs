@@ -136,13 +136,20 @@ impl Conn {
             method: m.method,
             name: m.name,
             uri: m.uri,
-            params: m.params,
-            result: m.result,
-            error: m.error,
+            params: m.params.map(|v| mcp::bounded(v, self.capture_limit)),
+            result: m.result.map(|v| mcp::bounded(v, self.capture_limit)),
+            error: m.error.map(|v| mcp::bounded(v, self.capture_limit)),
             batch,
             ..self.mcp_event(exchange, direction, http)
         }
     }
+}
+
+/// How much of a JSON body is read to find its messages: more than is kept, so that a big
+/// argument still leaves its method, name and id in the record (its value then cut with a
+/// marker), yet bounded, so that memory is too. Bodies past it are forwarded unparsed.
+pub fn parse_limit(capture_limit: usize) -> usize {
+    capture_limit.saturating_mul(16).max(16 * 1024 * 1024)
 }
 
 /// Bytes that begin an HTTP/1.x request line. Anything else is relayed raw.
@@ -305,7 +312,7 @@ async fn handle(
     };
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let is_connect = parts.method == Method::CONNECT;
-    let (prefix, rest) = match read_prefix(body, conn.capture_limit).await {
+    let (prefix, rest) = match read_prefix(body, parse_limit(conn.capture_limit)).await {
         Ok(r) => r,
         Err(e) => {
             let error = format!("reading the request body failed: {e}");
@@ -328,8 +335,8 @@ async fn handle(
                 is_mcp = true;
                 let mut e = conn.mcp_event(format!("{base}.0"), Direction::ClientToServer, &http);
                 e.malformed = Some(format!(
-                    "the body is larger than the capture limit ({} bytes); forwarded, not parsed",
-                    conn.capture_limit
+                    "the body is larger than the parse limit ({} bytes); forwarded, not parsed",
+                    parse_limit(conn.capture_limit)
                 ));
                 recorded &= conn.record(Event::Mcp(Box::new(e))).await;
             }
@@ -920,7 +927,7 @@ impl Observed {
                     }
                 };
                 self.resp_bytes += chunk.len() as u64;
-                if captured.len() + chunk.len() <= self.conn.capture_limit {
+                if captured.len() + chunk.len() <= parse_limit(self.conn.capture_limit) {
                     captured.extend_from_slice(&chunk);
                 } else {
                     truncated = true;
@@ -929,8 +936,8 @@ impl Observed {
             if json && !captured.is_empty() {
                 if truncated {
                     self.malformed(format!(
-                        "the response is larger than the capture limit ({} bytes); relayed, not parsed",
-                        self.conn.capture_limit
+                        "the response is larger than the parse limit ({} bytes); relayed, not parsed",
+                        parse_limit(self.conn.capture_limit)
                     ));
                 } else {
                     self.messages(&captured).await;
