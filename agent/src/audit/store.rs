@@ -446,7 +446,8 @@ fn read_head(db: &DB) -> Result<Head, AuditError> {
     }
 }
 
-fn dir_size(dir: &Path) -> u64 {
+/// Bytes of the files directly in `dir` (RocksDB keeps its files flat).
+pub fn dir_size(dir: &Path) -> u64 {
     fs::read_dir(dir)
         .map(|entries| {
             entries

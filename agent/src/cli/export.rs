@@ -107,16 +107,12 @@ pub fn run(state_dir: &Path, args: ExportArgs) -> anyhow::Result<()> {
                     ExportFormat::Jsonl => r.to_json().to_string(),
                     ExportFormat::Cef => cef::line(r),
                 };
-                match writeln!(out, "{line}") {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-                    Err(e) => return Err(e).context("writing to stdout"),
+                if !super::out::line(&mut out, &line)? {
+                    return Ok(());
                 }
             }
-            match out.flush() {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-                Err(e) => return Err(e).context("writing to stdout"),
+            if !super::out::flush(&mut out)? {
+                return Ok(());
             }
         }
         if let Some(last) = batch.last() {

@@ -6,6 +6,7 @@ mod detach;
 mod export;
 mod filter;
 mod key;
+mod out;
 mod run;
 mod show;
 mod stats;

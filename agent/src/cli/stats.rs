@@ -36,7 +36,7 @@ pub fn run(state_dir: &Path, args: StatsArgs) -> anyhow::Result<()> {
             _ => break,
         }
     }
-    let bytes = dir_size(&state_dir.join(TRAIL_DIR));
+    let bytes = crate::audit::store::dir_size(&state_dir.join(TRAIL_DIR));
     let span = match (first, last) {
         (Some(a), Some(b)) => (b - a).num_milliseconds() as f64 / 1000.0,
         _ => 0.0,
@@ -79,17 +79,4 @@ pub fn run(state_dir: &Path, args: StatsArgs) -> anyhow::Result<()> {
             .map_or("-".to_owned(), |(s, _)| s.to_string())
     );
     Ok(())
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }

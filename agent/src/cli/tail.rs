@@ -1,9 +1,7 @@
 //! `mcptrail tail`: print the newest records, optionally following new ones.
-use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Args;
 
 use crate::audit::{Reader, StoredRecord, format};
@@ -108,11 +106,8 @@ pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        if let Err(e) = out.flush() {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(());
-            }
-            return Err(e).context("writing to stdout");
+        if !super::out::flush(&mut out)? {
+            return Ok(());
         }
         drop(out);
         if batch.len() == BATCH {
@@ -133,9 +128,5 @@ fn print(out: &mut impl std::io::Write, r: &StoredRecord, style: Style) -> anyho
         Style::Plain => format::line(r),
         Style::Colored => format::colored_line(r),
     };
-    match writeln!(out, "{line}") {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(e).context("writing to stdout"),
-    }
+    super::out::line(out, &line)
 }
