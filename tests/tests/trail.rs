@@ -103,12 +103,9 @@ fn the_agent_signs_its_trail_and_verify_catches_an_edit() {
 
     // An edit made straight in RocksDB.
     {
-        let db = rocksdb::DB::open_cf(
-            &rocksdb::Options::default(),
-            state.join("trail"),
-            ["records", "chain", "checkpoints", "meta"],
-        )
-        .unwrap();
+        let path = state.join("trail");
+        let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), &path).unwrap();
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &path, cfs).unwrap();
         let cf = db.cf_handle("records").unwrap();
         let key = 3u64.to_be_bytes();
         let bytes = db.get_cf(&cf, key).unwrap().unwrap();

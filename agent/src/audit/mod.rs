@@ -8,6 +8,7 @@ pub mod cef;
 pub mod chain;
 pub mod checkpoint;
 pub mod format;
+pub mod index;
 pub mod keys;
 pub mod query;
 pub mod reader;

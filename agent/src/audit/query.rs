@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use globset::{Glob, GlobMatcher};
 
 use super::record::{Event, Process, Record};
+use super::{AuditError, Reader, index};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -98,6 +99,72 @@ impl Filter {
         }
         true
     }
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 9]
+}
+
+/// A glob without wildcards, as the text it matches.
+fn literal(glob: &GlobMatcher) -> Option<&str> {
+    let pattern = glob.glob().glob();
+    (!pattern.contains(['*', '?', '[', '{', '\\'])).then_some(pattern)
+}
+
+/// The sequence numbers that may match `filter`, from the trail's indexes; `None` when no
+/// index narrows the filter down (the caller scans). Records older than the indexes are
+/// always candidates. Every candidate must still pass `filter.matches`.
+pub fn candidates(reader: &Reader, filter: &Filter) -> Result<Option<Vec<u64>>, AuditError> {
+    let Some(indexed_from) = reader.indexed_from()? else {
+        return Ok(None);
+    };
+    let mut lists: Vec<Vec<u64>> = Vec::new();
+    if let Some(pid) = filter.pid {
+        let p = index::pid_prefix(pid);
+        lists.push(reader.index_seqs(index::CF_IDX_PID, &p, &prefix_end(&p))?);
+    }
+    if let Some(tool) = filter.tool.as_ref().and_then(literal) {
+        let p = index::text_prefix(tool);
+        lists.push(reader.index_seqs(index::CF_IDX_TOOL, &p, &prefix_end(&p))?);
+    }
+    if let Some(exe) = filter.exe.as_ref().and_then(literal) {
+        let p = index::text_prefix(exe);
+        lists.push(reader.index_seqs(index::CF_IDX_EXE, &p, &prefix_end(&p))?);
+    }
+    if filter.since.is_some() || filter.until.is_some() {
+        let nanos = |t: &DateTime<Utc>| t.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let start = filter.since.as_ref().map_or(i64::MIN, nanos);
+        let end = filter
+            .until
+            .as_ref()
+            .map_or(i64::MAX, |t| nanos(t).saturating_add(1));
+        lists.push(reader.index_seqs(
+            index::CF_IDX_TIME,
+            &index::time_prefix(start),
+            &index::time_prefix(end),
+        )?);
+    }
+    let Some(mut found) = lists.pop() else {
+        return Ok(None);
+    };
+    found.sort_unstable();
+    for mut other in lists {
+        other.sort_unstable();
+        found.retain(|s| other.binary_search(s).is_ok());
+    }
+    // Records written before the indexes existed.
+    let mut old: Vec<u64> = (1..indexed_from).collect();
+    old.append(&mut found);
+    old.dedup();
+    Ok(Some(old))
 }
 
 /// The calling process a record names, if any.
@@ -229,6 +296,76 @@ mod tests {
                 ..Default::default()
             }
             .matches(&stop)
+        );
+    }
+
+    #[test]
+    fn indexes_narrow_a_filter_to_the_records_that_match() {
+        use crate::audit::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let calls: Vec<Event> = [(7, "deploy_prod"), (8, "read_docs"), (7, "read_docs")]
+            .into_iter()
+            .map(|(pid, tool)| {
+                mcp(
+                    pid,
+                    "/usr/bin/python3.11",
+                    "tools/call",
+                    Some(tool),
+                    "2026-11-26T10:00:00Z",
+                )
+                .event
+            })
+            .collect();
+        store.append_group(&calls).unwrap();
+        drop(store);
+        let reader = Reader::open(dir.path()).unwrap();
+        let by = |f: Filter| candidates(&reader, &f).unwrap();
+        assert_eq!(by(Filter::default()), None, "nothing to narrow: scan");
+        assert_eq!(
+            by(Filter {
+                pid: Some(7),
+                ..Default::default()
+            }),
+            Some(vec![1, 3])
+        );
+        assert_eq!(
+            by(Filter {
+                pid: Some(7),
+                tool: Some(parse_glob("read_docs").unwrap()),
+                ..Default::default()
+            }),
+            Some(vec![3])
+        );
+        assert_eq!(
+            by(Filter {
+                pid: Some(9),
+                ..Default::default()
+            }),
+            Some(vec![])
+        );
+        assert_eq!(
+            by(Filter {
+                since: Some(parse_time("2026-11-26T10:00:01Z").unwrap()),
+                ..Default::default()
+            }),
+            Some(vec![])
+        );
+        assert_eq!(
+            by(Filter {
+                until: Some(parse_time("2026-11-26T10:00:00Z").unwrap()),
+                ..Default::default()
+            }),
+            Some(vec![1, 2, 3])
+        );
+        // A wildcard cannot use the index: the other conditions still do.
+        assert_eq!(
+            by(Filter {
+                pid: Some(8),
+                tool: Some(parse_glob("read_*").unwrap()),
+                ..Default::default()
+            }),
+            Some(vec![2])
         );
     }
 

@@ -77,6 +77,7 @@ impl Reader {
             })?;
         let cfs: Vec<&str> = [CF_RECORDS, CF_CHAIN, CF_CHECKPOINTS, CF_META]
             .into_iter()
+            .chain(super::index::ALL)
             .filter(|cf| present.iter().any(|p| p == cf))
             .collect();
         let db = DB::open_cf_as_secondary(&opts, path.as_path(), scratch.path(), cfs)
@@ -188,6 +189,51 @@ impl Reader {
             .get_cf(&cf, META_ANCHOR)
             .map_err(AuditError::Read)?
             .map(|v| serde_json::from_slice(&v).map_err(|e| e.to_string())))
+    }
+
+    /// The first sequence number the indexes cover, if the trail has indexes.
+    pub fn indexed_from(&self) -> Result<Option<u64>, AuditError> {
+        let Some(meta) = self.db.cf_handle(CF_META) else {
+            return Ok(None);
+        };
+        if self.db.cf_handle(super::index::CF_IDX_TIME).is_none() {
+            return Ok(None);
+        }
+        Ok(self
+            .db
+            .get_cf(&meta, super::index::META_INDEXED_FROM)
+            .map_err(AuditError::Read)?
+            .and_then(|v| key_seq(&v)))
+    }
+
+    /// Sequence numbers in index `cf` whose keys lie in `[start, end)`, in key order.
+    pub fn index_seqs(&self, cf: &str, start: &[u8], end: &[u8]) -> Result<Vec<u64>, AuditError> {
+        let Some(cf) = self.db.cf_handle(cf) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(&cf, IteratorMode::From(start, Direction::Forward))
+        {
+            let (key, _) = item.map_err(AuditError::Read)?;
+            if &key[..] >= end {
+                break;
+            }
+            if let Some(seq) = super::index::seq_of(&key) {
+                out.push(seq);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One record by sequence number.
+    pub fn get(&self, seq: u64) -> Result<Option<StoredRecord>, AuditError> {
+        Ok(self
+            .read_from(seq, 1)?
+            .into_iter()
+            .next()
+            .filter(|r| r.record.seq == seq))
     }
 
     /// Up to `limit` records with sequence numbers from `from` on, in order.

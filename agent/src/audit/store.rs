@@ -152,6 +152,13 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
         ColumnFamilyDescriptor::new(CF_CHECKPOINTS, Options::default()),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
     ]
+    .into_iter()
+    .chain(
+        super::index::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(*cf, Options::default())),
+    )
+    .collect()
 }
 
 impl Store {
@@ -162,6 +169,20 @@ impl Store {
             .map_err(|source| AuditError::Open { path, source })?;
         let head = read_head(&db)?;
         let checkpointed = last_key(&db, CF_CHECKPOINTS)?.unwrap_or(0);
+        // A trail from before the indexes: they cover what is written from now on.
+        let meta = db.cf_handle(CF_META).expect("meta CF opened");
+        if db
+            .get_cf(&meta, super::index::META_INDEXED_FROM)
+            .map_err(AuditError::Read)?
+            .is_none()
+        {
+            db.put_cf(
+                &meta,
+                super::index::META_INDEXED_FROM,
+                (head.seq + 1).to_be_bytes(),
+            )
+            .map_err(AuditError::Write)?;
+        }
         Ok(Store {
             path: state_dir.join(TRAIL_DIR),
             db: Arc::new(db),
@@ -274,6 +295,19 @@ impl Store {
         let meta = self.db.cf_handle(CF_META).expect("meta CF opened");
         let (from, to) = (seq_key(0), seq_key(cp.seq + 1));
         let mut batch = WriteBatch::default();
+        // Index entries of the records that go.
+        for item in self.db.iterator_cf(&records, IteratorMode::Start) {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            if key_seq(&key).is_none_or(|s| s > cp.seq) {
+                break;
+            }
+            if let Ok(rec) = serde_json::from_slice::<Record>(&value) {
+                for (cf, key) in super::index::entries(&rec) {
+                    let cf = self.db.cf_handle(cf).expect("index CFs opened");
+                    batch.delete_cf(&cf, key);
+                }
+            }
+        }
         batch.delete_range_cf(&records, from, to);
         batch.delete_range_cf(&chain_cf, from, to);
         batch.delete_range_cf(&checkpoints, from, to);
@@ -365,6 +399,10 @@ impl Store {
             let hash = chain::link(&head.hash, seq, &bytes);
             batch.put_cf(&records, seq_key(seq), &bytes);
             batch.put_cf(&chain_cf, seq_key(seq), hash);
+            for (cf, key) in super::index::entries(&record) {
+                let cf = self.db.cf_handle(cf).expect("index CFs opened");
+                batch.put_cf(&cf, key, []);
+            }
             head = Head { seq, hash };
             seqs.push(seq);
         }

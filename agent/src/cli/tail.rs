@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::audit::{Reader, StoredRecord, format};
+use crate::audit::{Reader, StoredRecord, format, query};
 
 use super::filter::FilterArgs;
 
@@ -69,20 +69,37 @@ pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
     let mut next = if filter.is_empty() {
         last.saturating_sub(args.lines).saturating_add(1).max(1)
     } else {
-        // The newest N that match: scan the trail once, keeping the last N.
         let mut newest: std::collections::VecDeque<StoredRecord> = Default::default();
-        let mut from = 1;
-        loop {
-            let batch = reader.read_from(from, BATCH)?;
-            for r in batch.iter().filter(|r| filter.matches(&r.record)) {
-                newest.push_back(r.clone());
-                if newest.len() as u64 > args.lines {
-                    newest.pop_front();
+        match query::candidates(&reader, &filter)? {
+            // The indexes name the candidates: walk them from the newest.
+            Some(seqs) => {
+                for seq in seqs.into_iter().rev() {
+                    if newest.len() as u64 >= args.lines {
+                        break;
+                    }
+                    if let Some(r) = reader.get(seq)?
+                        && filter.matches(&r.record)
+                    {
+                        newest.push_front(r);
+                    }
                 }
             }
-            match batch.last() {
-                Some(r) if batch.len() == BATCH => from = r.record.seq + 1,
-                _ => break,
+            // No index narrows the filter: scan the trail once, keeping the last N.
+            None => {
+                let mut from = 1;
+                loop {
+                    let batch = reader.read_from(from, BATCH)?;
+                    for r in batch.iter().filter(|r| filter.matches(&r.record)) {
+                        newest.push_back(r.clone());
+                        if newest.len() as u64 > args.lines {
+                            newest.pop_front();
+                        }
+                    }
+                    match batch.last() {
+                        Some(r) if batch.len() == BATCH => from = r.record.seq + 1,
+                        _ => break,
+                    }
+                }
             }
         }
         let mut out = stdout.lock();

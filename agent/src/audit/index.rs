@@ -1,0 +1,120 @@
+//! Secondary indexes of the trail, so that `tail` and `export` filters need not scan it:
+//! by time, process id, executable, tool or prompt name, and MCP session. Each index is a
+//! column family whose keys are `value || seq` (values are empty); pure functions here say
+//! which keys a record has, so the writer, retention and readers agree.
+#![forbid(unsafe_code)]
+
+use super::record::{Event, Record};
+
+pub const CF_IDX_TIME: &str = "idx_time";
+pub const CF_IDX_PID: &str = "idx_pid";
+pub const CF_IDX_EXE: &str = "idx_exe";
+pub const CF_IDX_TOOL: &str = "idx_tool";
+pub const CF_IDX_SESSION: &str = "idx_session";
+pub const ALL: [&str; 5] = [
+    CF_IDX_TIME,
+    CF_IDX_PID,
+    CF_IDX_EXE,
+    CF_IDX_TOOL,
+    CF_IDX_SESSION,
+];
+
+/// Key in `meta`: the first sequence number the indexes cover (older trails were written
+/// before them; readers scan that part).
+pub const META_INDEXED_FROM: &[u8] = b"indexed_from";
+
+/// Nanoseconds since the epoch as bytes that sort in time order (sign bit flipped).
+pub fn time_prefix(nanos: i64) -> [u8; 8] {
+    ((nanos as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+pub fn pid_prefix(pid: u32) -> [u8; 4] {
+    pid.to_be_bytes()
+}
+
+/// Text values end with a NUL so that `abc` is not a prefix match of `abcd`.
+pub fn text_prefix(text: &str) -> Vec<u8> {
+    let mut k = text.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn key(prefix: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The sequence number at the end of an index key.
+pub fn seq_of(key: &[u8]) -> Option<u64> {
+    let tail = key.len().checked_sub(8)?;
+    Some(u64::from_be_bytes(key[tail..].try_into().ok()?))
+}
+
+/// Every index entry of a record, as (column family, key).
+pub fn entries(record: &Record) -> Vec<(&'static str, Vec<u8>)> {
+    let seq = record.seq;
+    let mut out = Vec::new();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(record.event.time())
+        && let Some(nanos) = t.timestamp_nanos_opt()
+    {
+        out.push((CF_IDX_TIME, key(&time_prefix(nanos), seq)));
+    }
+    if let Some(p) = super::query::process(&record.event) {
+        out.push((CF_IDX_PID, key(&pid_prefix(p.pid), seq)));
+        if let Some(exe) = &p.exe {
+            out.push((CF_IDX_EXE, key(&text_prefix(exe), seq)));
+        }
+    }
+    if let Event::Mcp(m) = &record.event {
+        if let Some(name) = &m.name {
+            out.push((CF_IDX_TOOL, key(&text_prefix(name), seq)));
+        }
+        if let Some(session) = &m.http.session_id {
+            out.push((CF_IDX_SESSION, key(&text_prefix(session), seq)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::*;
+
+    #[test]
+    fn time_keys_sort_in_time_order_around_the_epoch() {
+        assert!(time_prefix(-5) < time_prefix(0));
+        assert!(time_prefix(0) < time_prefix(1_795_687_200_000_000_000));
+    }
+
+    #[test]
+    fn a_record_has_the_entries_it_can_have() {
+        let r = Record {
+            v: 1,
+            seq: 77,
+            host: "h".into(),
+            prev_hash: String::new(),
+            event: Event::Http(HttpEvent {
+                time: "2026-11-26T10:00:00Z".into(),
+                process: Process {
+                    pid: 9,
+                    exe: Some("/usr/bin/curl".into()),
+                    ..Default::default()
+                },
+                connection: Connection::default(),
+                http: HttpInfo::default(),
+                bytes: Bytes::default(),
+                elapsed_us: 0,
+                error: None,
+            }),
+        };
+        let e = entries(&r);
+        let cfs: Vec<&str> = e.iter().map(|(cf, _)| *cf).collect();
+        assert_eq!(cfs, [CF_IDX_TIME, CF_IDX_PID, CF_IDX_EXE]);
+        assert!(e.iter().all(|(_, k)| seq_of(k) == Some(77)));
+        assert!(e[1].1.starts_with(&pid_prefix(9)));
+        assert!(e[2].1.starts_with(&text_prefix("/usr/bin/curl")));
+        assert!(!text_prefix("abc").starts_with(&text_prefix("ab")[..]));
+    }
+}
