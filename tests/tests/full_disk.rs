@@ -58,7 +58,9 @@ fn client(cgroup: &TestCgroup, port: u16) -> std::process::Output {
     out
 }
 
-fn run(mode: &str, label: &str) -> (std::process::Output, serde_json::Value) {
+/// Runs the scenario; returns the client's run on the full disk, the agent's status then, and
+/// whether a client got through again once the disk had room (within a few tries).
+fn run(mode: &str, label: &str) -> (std::process::Output, serde_json::Value, bool) {
     require_root();
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -82,13 +84,39 @@ fn run(mode: &str, label: &str) -> (std::process::Output, serde_json::Value) {
     disk.fill();
     let after = client(&cgroup, port);
     let status = agent.status();
+    // Room again: the store reopens on its next write, and calls flow (and are recorded).
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    let recovered = (0..5).any(|_| {
+        let ok = client(&cgroup, port).status.success();
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        ok
+    });
     drop(agent);
-    (after, status)
+    if recovered {
+        let verify = Command::new(agent_bin())
+            .arg("--state-dir")
+            .arg(state)
+            .arg("verify")
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "{}",
+            String::from_utf8_lossy(&verify.stdout)
+        );
+    }
+    (after, status, recovered)
 }
 
 #[test]
 fn a_full_disk_blocks_calls_with_a_clear_error() {
-    let (after, status) = run("block", "disk-block");
+    let (after, status, recovered) = run("block", "disk-block");
+    assert!(
+        recovered,
+        "calls stayed blocked after the disk had room again"
+    );
     assert!(!after.status.success(), "a call went through unaudited");
     let said = String::from_utf8_lossy(&after.stderr);
     assert!(said.contains("audit trail cannot be written"), "{said}");
@@ -103,7 +131,8 @@ fn a_full_disk_blocks_calls_with_a_clear_error() {
 
 #[test]
 fn a_full_disk_lets_calls_pass_and_counts_the_losses() {
-    let (after, status) = run("pass", "disk-pass");
+    let (after, status, recovered) = run("pass", "disk-pass");
+    assert!(recovered);
     assert!(
         after.status.success(),
         "{}",

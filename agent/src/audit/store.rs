@@ -107,7 +107,11 @@ pub fn retention_cutoff(
 
 pub struct Store {
     path: PathBuf,
-    db: Arc<DB>,
+    /// None only while being reopened after a write error.
+    db: Option<Arc<DB>>,
+    /// A write failed: RocksDB refuses further writes until the store is reopened, which the
+    /// next write tries (so that freeing disk space is enough to recover).
+    broken: bool,
     durability: Durability,
     head: Head,
     host: String,
@@ -185,7 +189,8 @@ impl Store {
         }
         Ok(Store {
             path: state_dir.join(TRAIL_DIR),
-            db: Arc::new(db),
+            db: Some(Arc::new(db)),
+            broken: false,
             durability: Durability::Sync,
             head,
             host: hostname(),
@@ -194,6 +199,63 @@ impl Store {
             checkpointed,
             checkpointed_at: Instant::now(),
         })
+    }
+
+    fn db(&self) -> &DB {
+        self.db.as_ref().expect("the store is open")
+    }
+
+    /// After a failed write: close and reopen the store, finding the head again.
+    fn recover(&mut self) -> Result<(), AuditError> {
+        if !self.broken {
+            return Ok(());
+        }
+        self.db = None;
+        let db = DB::open_cf_descriptors(&db_options(), &self.path, cf_descriptors()).map_err(
+            |source| AuditError::Open {
+                path: self.path.clone(),
+                source,
+            },
+        )?;
+        self.head = read_head(&db)?;
+        self.checkpointed = last_key(&db, CF_CHECKPOINTS)?.unwrap_or(0);
+        self.db = Some(Arc::new(db));
+        self.broken = false;
+        self.spawn_syncer();
+        tracing::warn!(head = self.head.seq, "the audit trail is writable again");
+        Ok(())
+    }
+
+    /// Writes a batch, remembering a failure so that the next write reopens the store.
+    fn write(&mut self, batch: WriteBatch, sync: bool) -> Result<(), AuditError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        let r = self.db().write_opt(batch, &wo).map_err(AuditError::Write);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// In buffered mode, a thread that syncs the WAL every window while this store is open.
+    fn spawn_syncer(&self) {
+        let Durability::Buffered(window) = self.durability else {
+            return;
+        };
+        // Holds only a weak handle: when the store closes (or reopens), this one ends.
+        let db = Arc::downgrade(self.db.as_ref().expect("the store is open"));
+        std::thread::Builder::new()
+            .name("audit-wal-sync".into())
+            .spawn(move || {
+                while let Some(db) = db.upgrade() {
+                    if let Err(e) = db.flush_wal(true) {
+                        tracing::error!(error = %e, "syncing the audit WAL failed");
+                    }
+                    drop(db);
+                    std::thread::sleep(window);
+                }
+            })
+            .expect("spawning the WAL sync thread");
     }
 
     pub fn set_durability(&mut self, durability: Durability) {
@@ -216,7 +278,7 @@ impl Store {
 
     fn put_checkpoint(&self, batch: &mut WriteBatch, head: &Head) {
         let cf = self
-            .db
+            .db()
             .cf_handle(CF_CHECKPOINTS)
             .expect("checkpoints CF opened");
         let cp = Checkpoint::sign(&self.key, head.seq, &head.hash, now_rfc3339());
@@ -236,12 +298,13 @@ impl Store {
 
     /// `retain` as if it were `now` (unix seconds).
     pub fn retain_at(&mut self, retention: &Retention, now: i64) -> Result<u64, AuditError> {
+        self.recover()?;
         if retention.max_age.is_none() && retention.max_bytes.is_none() {
             return Ok(0);
         }
-        let records = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let records = self.db().cf_handle(CF_RECORDS).expect("records CF opened");
         let mut times = Vec::new();
-        for item in self.db.iterator_cf(&records, IteratorMode::Start) {
+        for item in self.db().iterator_cf(&records, IteratorMode::Start) {
             let (key, value) = item.map_err(AuditError::Read)?;
             let (Some(seq), Ok(rec)) = (key_seq(&key), serde_json::from_slice::<Record>(&value))
             else {
@@ -265,11 +328,11 @@ impl Store {
         // The cut goes at a signed checkpoint: the anchor then vouches for a hash that was
         // signed while the records it covers still existed.
         let checkpoints = self
-            .db
+            .db()
             .cf_handle(CF_CHECKPOINTS)
             .expect("checkpoints CF opened");
         let mut anchor_at = None;
-        for item in self.db.iterator_cf(
+        for item in self.db().iterator_cf(
             &checkpoints,
             IteratorMode::From(&seq_key(cutoff), rocksdb::Direction::Reverse),
         ) {
@@ -291,19 +354,19 @@ impl Store {
             .and_then(|h| h.try_into().ok())
             .ok_or(AuditError::BadChain(cp.seq))?;
         let anchor = Checkpoint::sign_anchor(&self.key, cp.seq, &hash, now_rfc3339());
-        let chain_cf = self.db.cf_handle(CF_CHAIN).expect("chain CF opened");
-        let meta = self.db.cf_handle(CF_META).expect("meta CF opened");
+        let chain_cf = self.db().cf_handle(CF_CHAIN).expect("chain CF opened");
+        let meta = self.db().cf_handle(CF_META).expect("meta CF opened");
         let (from, to) = (seq_key(0), seq_key(cp.seq + 1));
         let mut batch = WriteBatch::default();
         // Index entries of the records that go.
-        for item in self.db.iterator_cf(&records, IteratorMode::Start) {
+        for item in self.db().iterator_cf(&records, IteratorMode::Start) {
             let (key, value) = item.map_err(AuditError::Read)?;
             if key_seq(&key).is_none_or(|s| s > cp.seq) {
                 break;
             }
             if let Ok(rec) = serde_json::from_slice::<Record>(&value) {
                 for (cf, key) in super::index::entries(&rec) {
-                    let cf = self.db.cf_handle(cf).expect("index CFs opened");
+                    let cf = self.db().cf_handle(cf).expect("index CFs opened");
                     batch.delete_cf(&cf, key);
                 }
             }
@@ -316,11 +379,11 @@ impl Store {
             META_ANCHOR,
             serde_json::to_vec(&anchor).expect("anchors serialise"),
         );
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(AuditError::Write)?;
-        for cf in [&records, &chain_cf] {
-            self.db.compact_range_cf(cf, None::<&[u8]>, Some(&to));
+        self.write(batch, true)?;
+        // Give the space back now rather than at the next compaction.
+        for name in [CF_RECORDS, CF_CHAIN] {
+            let cf = self.db().cf_handle(name).expect("CF opened");
+            self.db().compact_range_cf(&cf, None::<&[u8]>, Some(&to));
         }
         let removed = times.iter().filter(|(s, _)| *s <= cp.seq).count() as u64;
         tracing::info!(
@@ -333,15 +396,14 @@ impl Store {
 
     /// Signs a checkpoint of the head now, if anything was written since the last one.
     pub fn checkpoint_now(&mut self) -> Result<(), AuditError> {
+        self.recover()?;
         if self.head.seq <= self.checkpointed {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
         let head = self.head;
         self.put_checkpoint(&mut batch, &head);
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(AuditError::Write)?;
+        self.write(batch, true)?;
         self.checkpointed = head.seq;
         self.checkpointed_at = Instant::now();
         Ok(())
@@ -356,9 +418,9 @@ impl Store {
         if self.head.seq == 0 {
             return Ok(None);
         }
-        let records = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let records = self.db().cf_handle(CF_RECORDS).expect("records CF opened");
         let bytes = self
-            .db
+            .db()
             .get_cf(&records, seq_key(self.head.seq))
             .map_err(AuditError::Read)?
             .ok_or(AuditError::BadChain(self.head.seq))?;
@@ -381,8 +443,9 @@ impl Store {
 
     /// Seals and durably writes a group of events; returns their sequence numbers.
     pub fn append_group(&mut self, events: &[Event]) -> Result<Vec<u64>, AuditError> {
-        let records = self.db.cf_handle(CF_RECORDS).expect("records CF opened");
-        let chain_cf = self.db.cf_handle(CF_CHAIN).expect("chain CF opened");
+        self.recover()?;
+        let records = self.db().cf_handle(CF_RECORDS).expect("records CF opened");
+        let chain_cf = self.db().cf_handle(CF_CHAIN).expect("chain CF opened");
         let mut batch = WriteBatch::default();
         let mut head = self.head;
         let mut seqs = Vec::with_capacity(events.len());
@@ -400,7 +463,7 @@ impl Store {
             batch.put_cf(&records, seq_key(seq), &bytes);
             batch.put_cf(&chain_cf, seq_key(seq), hash);
             for (cf, key) in super::index::entries(&record) {
-                let cf = self.db.cf_handle(cf).expect("index CFs opened");
+                let cf = self.db().cf_handle(cf).expect("index CFs opened");
                 batch.put_cf(&cf, key, []);
             }
             head = Head { seq, hash };
@@ -410,9 +473,7 @@ impl Store {
         if checkpoint {
             self.put_checkpoint(&mut batch, &head);
         }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(self.durability == Durability::Sync);
-        self.db.write_opt(batch, &wo).map_err(AuditError::Write)?;
+        self.write(batch, self.durability == Durability::Sync)?;
         // Only advance once durable: a failed batch leaves no gap in the chain.
         self.head = head;
         if checkpoint {
@@ -424,22 +485,7 @@ impl Store {
 
     /// Starts the writer thread and hands back the handle that producers clone.
     pub fn spawn_writer(self) -> (AuditLog, std::thread::JoinHandle<()>) {
-        if let Durability::Buffered(window) = self.durability {
-            // Holds only a weak handle: when the writer closes the store, this ends.
-            let db = Arc::downgrade(&self.db);
-            std::thread::Builder::new()
-                .name("audit-wal-sync".into())
-                .spawn(move || {
-                    while let Some(db) = db.upgrade() {
-                        if let Err(e) = db.flush_wal(true) {
-                            tracing::error!(error = %e, "syncing the audit WAL failed");
-                        }
-                        drop(db);
-                        std::thread::sleep(window);
-                    }
-                })
-                .expect("spawning the WAL sync thread");
-        }
+        self.spawn_syncer();
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let healthy = Arc::new(AtomicBool::new(true));
         let handle = std::thread::Builder::new()
@@ -568,7 +614,7 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<A
         }
     }
     // Flushing on the way out keeps the next open fast; the WAL already made it durable.
-    if let Err(e) = store.db.flush_wal(true) {
+    if let Err(e) = store.db().flush_wal(true) {
         tracing::warn!(error = %e, "flushing the audit WAL at shutdown failed");
     }
 }
