@@ -499,15 +499,31 @@ impl Drop for Agent {
     }
 }
 
-/// Runs `mcptrail tail` with the given extra arguments.
-pub fn tail(state_dir: &Path, args: &[&str]) -> Output {
+/// Runs `mcptrail --state-dir STATE ARGS...` to its end.
+pub fn mcptrail(state_dir: &Path, args: &[&str]) -> Output {
     Command::new(agent_bin())
         .arg("--state-dir")
         .arg(state_dir)
-        .arg("tail")
         .args(args)
         .output()
-        .expect("running mcptrail tail")
+        .unwrap_or_else(|e| panic!("running mcptrail {args:?}: {e}"))
+}
+
+/// Fails the test, with the report, unless `mcptrail verify` says the trail is whole.
+pub fn assert_verifies(state_dir: &Path) {
+    let out = mcptrail(state_dir, &["verify"]);
+    assert!(
+        out.status.success(),
+        "the trail does not verify:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Runs `mcptrail tail` with the given extra arguments.
+pub fn tail(state_dir: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["tail"];
+    all.extend_from_slice(args);
+    mcptrail(state_dir, &all)
 }
 
 /// Every record in the trail, parsed from `tail --json`.

@@ -103,17 +103,7 @@ fn every_call_a_client_completed_survives_a_sigkill() {
         missing.len(),
         completed.len()
     );
-    let verify = Command::new(agent_bin())
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("verify")
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    assert_verifies(&state);
     println!(
         "{} calls completed before the SIGKILL; all {} are in the trail",
         completed.len(),

@@ -95,17 +95,7 @@ fn run(mode: &str, label: &str) -> (std::process::Output, serde_json::Value, boo
     });
     drop(agent);
     if recovered {
-        let verify = Command::new(agent_bin())
-            .arg("--state-dir")
-            .arg(state)
-            .arg("verify")
-            .output()
-            .unwrap();
-        assert!(
-            verify.status.success(),
-            "{}",
-            String::from_utf8_lossy(&verify.stdout)
-        );
+        assert_verifies(state);
     }
     (after, status, recovered)
 }

@@ -6,13 +6,9 @@ use std::time::Duration;
 use mcptrail::audit::Event;
 use mcptrail_tests::*;
 
-fn mcptrail(state: &std::path::Path, args: &[&str]) -> Output {
-    let out = Command::new(agent_bin())
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .output()
-        .unwrap();
+/// `mcptrail` that must succeed.
+fn ok(state: &std::path::Path, args: &[&str]) -> Output {
+    let out = mcptrail(state, args);
     assert!(
         out.status.success(),
         "mcptrail {args:?}: {}",
@@ -66,7 +62,7 @@ fn tail_filters_show_stats_and_export_with_a_cursor() {
     // discover, tools/list, add, echo, resources/read, prompts/get: six answers.
     wait_calls(&state, pid, 6);
 
-    let calls = lines(&mcptrail(
+    let calls = lines(&ok(
         &state,
         &["tail", "-n", "100", "--method", "tools/call"],
     ));
@@ -76,14 +72,14 @@ fn tail_filters_show_stats_and_export_with_a_cursor() {
             .iter()
             .all(|l| l.contains("-> 127.0.0.1:") && l.contains("tools/call"))
     );
-    let add = lines(&mcptrail(&state, &["tail", "--tool", "a*", "--json"]));
+    let add = lines(&ok(&state, &["tail", "--tool", "a*", "--json"]));
     assert_eq!(add.len(), 1, "{add:#?}");
     let add: serde_json::Value = serde_json::from_str(&add[0]).unwrap();
     assert_eq!(add["name"], "add");
     assert_eq!(add["process"]["pid"], pid);
-    let none = lines(&mcptrail(&state, &["tail", "--pid", "1", "--kind", "mcp"]));
+    let none = lines(&ok(&state, &["tail", "--pid", "1", "--kind", "mcp"]));
     assert!(none.is_empty(), "{none:#?}");
-    let mine = lines(&mcptrail(
+    let mine = lines(&ok(
         &state,
         &[
             "tail",
@@ -99,7 +95,7 @@ fn tail_filters_show_stats_and_export_with_a_cursor() {
 
     let seq = add["seq"].as_u64().unwrap().to_string();
     let shown: serde_json::Value =
-        serde_json::from_slice(&mcptrail(&state, &["show", &seq]).stdout).unwrap();
+        serde_json::from_slice(&ok(&state, &["show", &seq]).stdout).unwrap();
     assert_eq!(shown, add);
     let missing = Command::new(agent_bin())
         .arg("--state-dir")
@@ -111,19 +107,19 @@ fn tail_filters_show_stats_and_export_with_a_cursor() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no record 999999"));
 
     let stats: serde_json::Value =
-        serde_json::from_slice(&mcptrail(&state, &["stats", "--json"]).stdout).unwrap();
+        serde_json::from_slice(&ok(&state, &["stats", "--json"]).stdout).unwrap();
     let total = records(&state).len() as u64;
     assert!(stats["records"].as_u64().unwrap() >= total, "{stats:#}");
     assert!(stats["by_kind"]["mcp"].as_u64().unwrap() >= 12, "{stats:#}");
 
     // A cursor exports everything once, then only what is new.
-    let first = lines(&mcptrail(&state, &["export", "--cursor", "siem"]));
+    let first = lines(&ok(&state, &["export", "--cursor", "siem"]));
     assert!(first.len() as u64 >= total, "{} < {total}", first.len());
-    let again = lines(&mcptrail(&state, &["export", "--cursor", "siem"]));
+    let again = lines(&ok(&state, &["export", "--cursor", "siem"]));
     assert!(again.is_empty(), "{again:#?}");
     let pid2 = run_client(&cgroup, port);
     wait_calls(&state, pid2, 6);
-    let more = lines(&mcptrail(&state, &["export", "--cursor", "siem"]));
+    let more = lines(&ok(&state, &["export", "--cursor", "siem"]));
     assert!(more.len() >= 12, "{more:#?}");
     let last_first: serde_json::Value = serde_json::from_str(first.last().unwrap()).unwrap();
     let first_more: serde_json::Value = serde_json::from_str(&more[0]).unwrap();
@@ -132,7 +128,7 @@ fn tail_filters_show_stats_and_export_with_a_cursor() {
         last_first["seq"].as_u64().unwrap() + 1,
         "no record skipped or repeated"
     );
-    let cef = lines(&mcptrail(
+    let cef = lines(&ok(
         &state,
         &["export", "--format", "cef", "--method", "tools/call"],
     ));

@@ -1,20 +1,11 @@
 //! The trail as an operator uses it: the agent writes and signs it, `verify` checks it with
 //! the local key or an exported one, and an edit made straight in RocksDB is caught.
 use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use mcptrail::audit::Event;
 use mcptrail_tests::*;
-
-fn mcptrail(state: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(agent_bin())
-        .arg("--state-dir")
-        .arg(state)
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn text(out: &Output) -> String {
     format!(
