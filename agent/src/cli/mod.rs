@@ -29,9 +29,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/mcptrail";
     about = "Audit MCP traffic on this host: which process, under which token, sent what, and what came back",
     long_about = "mcptrail redirects outbound connections to your MCP gateways through a local \
 proxy with an eBPF program on the cgroup connect hooks, ties every connection to the calling \
-process, relays it unchanged, and appends a hash-chained record of it to a local RocksDB trail. \
-No client needs to be reconfigured.\n\nStart the agent with `mcptrail run` (as root), then read \
-the trail with `mcptrail tail`."
+process, records every MCP message it carries (JSON-RPC over HTTP, JSON or SSE) and relays it \
+unchanged, and appends hash-chained records, signed at checkpoints, to a local RocksDB trail. No \
+client needs to be reconfigured.\n\nStart the agent with `mcptrail run` (as root), read the trail \
+with `mcptrail tail`, check it with `mcptrail verify`."
 )]
 pub struct Cli {
     /// State directory: the audit trail and keys live here (root only, mode 0700).
