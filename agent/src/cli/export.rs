@@ -2,7 +2,6 @@
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
@@ -10,9 +9,6 @@ use clap::{Args, ValueEnum};
 use crate::audit::{Reader, cef};
 
 use super::filter::FilterArgs;
-
-const BATCH: usize = 1000;
-const FOLLOW_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ExportFormat {
@@ -93,42 +89,22 @@ pub fn run(state_dir: &Path, args: ExportArgs) -> anyhow::Result<()> {
         .map(|name| cursor_path(state_dir, name))
         .transpose()?;
     let reader = Reader::open(state_dir)?;
-    let mut next = match &cursor {
+    let next = match &cursor {
         Some(path) => read_cursor(path)? + 1,
         None => 1,
     };
-    let stdout = std::io::stdout();
-    loop {
-        let batch = reader.read_from(next, BATCH)?;
-        {
-            let mut out = stdout.lock();
-            for r in batch.iter().filter(|r| filter.matches(&r.record)) {
-                let line = match args.format {
-                    ExportFormat::Jsonl => r.to_json().to_string(),
-                    ExportFormat::Cef => cef::line(r),
-                };
-                if !super::out::line(&mut out, &line)? {
-                    return Ok(());
-                }
-            }
-            if !super::out::flush(&mut out)? {
-                return Ok(());
-            }
-        }
-        if let Some(last) = batch.last() {
-            next = last.record.seq + 1;
-            // Only after the lines are out: at least once, never less.
-            if let Some(path) = &cursor {
-                write_cursor(path, last.record.seq)?;
-            }
-        }
-        if batch.len() == BATCH {
-            continue;
-        }
-        if !args.follow {
-            return Ok(());
-        }
-        std::thread::sleep(FOLLOW_POLL);
-        reader.catch_up()?;
-    }
+    super::out::stream(
+        &reader,
+        next,
+        args.follow,
+        &filter,
+        |r| match args.format {
+            ExportFormat::Jsonl => r.to_json().to_string(),
+            ExportFormat::Cef => cef::line(r),
+        },
+        |last| match &cursor {
+            Some(path) => write_cursor(path, last),
+            None => Ok(()),
+        },
+    )
 }

@@ -1,6 +1,5 @@
 //! `mcptrail tail`: print the newest records, optionally following new ones.
 use std::path::Path;
-use std::time::Duration;
 
 use clap::Args;
 
@@ -8,9 +7,7 @@ use crate::audit::{Reader, StoredRecord, format, query};
 
 use super::filter::FilterArgs;
 
-/// How often `-f` looks for new records; well under the 100 ms a user would notice.
-const FOLLOW_POLL: Duration = Duration::from_millis(50);
-const BATCH: usize = 1000;
+use super::out::BATCH;
 
 #[derive(Debug, Args)]
 pub struct TailArgs {
@@ -66,7 +63,7 @@ pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
     let reader = Reader::open(state_dir)?;
     let last = reader.last_seq()?.unwrap_or(0);
     let stdout = std::io::stdout();
-    let mut next = if filter.is_empty() {
+    let next = if filter.is_empty() {
         last.saturating_sub(args.lines).saturating_add(1).max(1)
     } else {
         let mut newest: std::collections::VecDeque<StoredRecord> = Default::default();
@@ -104,46 +101,27 @@ pub fn run(state_dir: &Path, args: TailArgs) -> anyhow::Result<()> {
         }
         let mut out = stdout.lock();
         for r in &newest {
-            if !print(&mut out, r, style)? {
+            if !super::out::line(&mut out, &render(r, style))? {
                 return Ok(());
             }
         }
         last + 1
     };
-    loop {
-        let batch = reader.read_from(next, BATCH)?;
-        let mut out = stdout.lock();
-        for r in &batch {
-            next = r.record.seq + 1;
-            if !filter.matches(&r.record) {
-                continue;
-            }
-            // The reader went away (a closed pipe): that is a normal end for tail.
-            if !print(&mut out, r, style)? {
-                return Ok(());
-            }
-        }
-        if !super::out::flush(&mut out)? {
-            return Ok(());
-        }
-        drop(out);
-        if batch.len() == BATCH {
-            continue;
-        }
-        if !args.follow {
-            return Ok(());
-        }
-        std::thread::sleep(FOLLOW_POLL);
-        reader.catch_up()?;
-    }
+    super::out::stream(
+        &reader,
+        next,
+        args.follow,
+        &filter,
+        |r| render(r, style),
+        |_| Ok(()),
+    )
 }
 
-/// Prints one record; false when the reader has gone (a closed pipe).
-fn print(out: &mut impl std::io::Write, r: &StoredRecord, style: Style) -> anyhow::Result<bool> {
-    let line = match style {
+/// One record as a line in the chosen style.
+fn render(r: &StoredRecord, style: Style) -> String {
+    match style {
         Style::Json => r.to_json().to_string(),
         Style::Plain => format::line(r),
         Style::Colored => format::colored_line(r),
-    };
-    super::out::line(out, &line)
+    }
 }

@@ -269,44 +269,33 @@ impl Interceptor {
         // sockops first: once connect redirects, the established callback must be there to
         // hand the origin over, or the proxy would refuse the first connections. getpeername
         // before connect, so no redirected client ever sees the proxy as its peer.
-        {
-            let name = names::PROG_SOCKOPS;
-            let prog: &mut SockOps = ebpf
-                .program_mut(name)
-                .ok_or(InterceptError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name, "be found as sockops"))?;
-            prog.load().map_err(prog_err(name, "load"))?;
-            let link = prog
-                .attach(&cgroup_fd, LINK_MODE)
-                .map_err(prog_err(name, "attach"))?;
-            let id = prog.info().map_err(prog_err(name, "describe"))?.id();
-            if let Some(dir) = pin_dir {
+        // SockOps and CgroupSockAddr share these methods but no trait; one macro keeps the
+        // steps (load, attach, describe, pin) the same for both kinds.
+        macro_rules! attach {
+            ($ty:ty, $name:expr, $kind:literal) => {{
+                let name = $name;
+                let prog: &mut $ty = ebpf
+                    .program_mut(name)
+                    .ok_or(InterceptError::Missing(name))?
+                    .try_into()
+                    .map_err(prog_err(name, concat!("be found as ", $kind)))?;
+                prog.load().map_err(prog_err(name, "load"))?;
                 let link = prog
-                    .take_link(link)
-                    .map_err(prog_err(name, "detach its link"))?;
-                pin_link(FdLink::try_from(link), dir, name)?;
-            }
-            programs.push(LoadedProgram { name, id });
+                    .attach(&cgroup_fd, LINK_MODE)
+                    .map_err(prog_err(name, "attach"))?;
+                let id = prog.info().map_err(prog_err(name, "describe"))?.id();
+                if let Some(dir) = pin_dir {
+                    let link = prog
+                        .take_link(link)
+                        .map_err(prog_err(name, "detach its link"))?;
+                    pin_link(FdLink::try_from(link), dir, name)?;
+                }
+                programs.push(LoadedProgram { name, id });
+            }};
         }
+        attach!(SockOps, names::PROG_SOCKOPS, "sockops");
         for name in SOCK_ADDR_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(InterceptError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name, "be found as a cgroup sock_addr program"))?;
-            prog.load().map_err(prog_err(name, "load"))?;
-            let link = prog
-                .attach(&cgroup_fd, LINK_MODE)
-                .map_err(prog_err(name, "attach"))?;
-            let id = prog.info().map_err(prog_err(name, "describe"))?.id();
-            if let Some(dir) = pin_dir {
-                let link = prog
-                    .take_link(link)
-                    .map_err(prog_err(name, "detach its link"))?;
-                pin_link(FdLink::try_from(link), dir, name)?;
-            }
-            programs.push(LoadedProgram { name, id });
+            attach!(CgroupSockAddr, name, "a cgroup sock_addr program");
         }
 
         Ok(Interceptor {
