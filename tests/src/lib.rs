@@ -89,6 +89,16 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// A cgroup below this one (named like a container scope, say); drop it before its parent.
+    pub fn child(&self, name: &str) -> TestCgroup {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        TestCgroup { path }
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
@@ -183,7 +193,10 @@ pub fn mcp_python() -> PathBuf {
 
 /// A file in tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // `cargo test` sets it at run time too: right even for a binary built in another clone
+    // that shares the target directory.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .join("fixtures")
         .join(name)
 }
@@ -205,7 +218,7 @@ pub fn mcp_server(port: u16, extra: &[&str]) -> Reaped {
 
 /// The test client in tests/fixtures/tcp_client.py.
 pub fn tcp_client() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tcp_client.py")
+    fixture("tcp_client.py")
 }
 
 /// Runs `ip` with the arguments, failing the test with its error.
@@ -361,6 +374,18 @@ impl Agent {
         extra: &[&str],
         inside: bool,
     ) -> Agent {
+        Self::start_logging(state_dir, cgroup, targets, extra, inside, "info")
+    }
+
+    /// Like `start_with`, logging at `level` (`debug` to see everything the agent says).
+    pub fn start_logging(
+        state_dir: &Path,
+        cgroup: &TestCgroup,
+        targets: &[String],
+        extra: &[&str],
+        inside: bool,
+        level: &str,
+    ) -> Agent {
         let listen_port = match extra.iter().position(|a| *a == "--listen-port") {
             Some(i) => extra[i + 1].parse().expect("--listen-port takes a number"),
             None => free_port(),
@@ -386,7 +411,7 @@ impl Agent {
         }
         cmd.args(extra);
         let mut child = cmd
-            .env("MCPTRAIL_LOG", "info")
+            .env("MCPTRAIL_LOG", level)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -559,5 +584,57 @@ pub fn wait_for_record(
             "no record {what} within {within:?}; the trail has:\n{all:#?}"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Service tokens for the identity tests: real keys (test-only, in tests/fixtures/keys), real
+/// signatures, JWK sets as an issuer would publish them.
+pub mod tokens {
+    use base64::Engine;
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    use jsonwebtoken::jwk::Jwk;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+
+    fn pem(name: &str) -> Vec<u8> {
+        std::fs::read(super::fixture(&format!("keys/{name}.pem"))).expect("test key")
+    }
+
+    fn encoding_key(name: &str, alg: Algorithm) -> EncodingKey {
+        let pem = pem(name);
+        match alg {
+            Algorithm::RS256 | Algorithm::PS256 => EncodingKey::from_rsa_pem(&pem),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+            Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+            other => panic!("no test key for {other:?}"),
+        }
+        .expect("test key loads")
+    }
+
+    /// A JWT signed with the named test key.
+    pub fn sign(key: &str, alg: Algorithm, kid: &str, claims: &serde_json::Value) -> String {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, claims, &encoding_key(key, alg)).expect("signing")
+    }
+
+    /// The public JWK of a test key.
+    pub fn jwk(key: &str, alg: Algorithm, kid: &str) -> serde_json::Value {
+        if alg == Algorithm::EdDSA {
+            let pem = String::from_utf8(pem(key)).unwrap();
+            let sk = ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).expect("ed25519 key");
+            let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sk.verifying_key().to_bytes());
+            return serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "alg": "EdDSA", "use": "sig"});
+        }
+        let mut jwk = Jwk::from_encoding_key(&encoding_key(key, alg), alg).expect("jwk");
+        jwk.common.key_id = Some(kid.to_owned());
+        serde_json::to_value(jwk).unwrap()
+    }
+
+    pub fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
     }
 }

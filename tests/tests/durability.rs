@@ -82,7 +82,8 @@ fn every_call_a_client_completed_survives_a_sigkill() {
 
     // The restarted agent adopts the pins; the trail is read and verified as it is.
     let mut again = Agent::start_with(&state, &cgroup, &target, &args, false);
-    assert!(again.stop().success());
+    let stopped = again.stop();
+    assert!(stopped.success(), "{stopped}:\n{}", again.log());
     let answered: HashSet<String> = records(&state)
         .into_iter()
         .filter_map(|r| match r.event {

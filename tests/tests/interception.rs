@@ -57,7 +57,7 @@ fn connection_of(state: &std::path::Path, pid: u32) -> ConnectionEvent {
         |r| matches!(&r.event, Event::Connection(c) if c.process.pid == pid),
     );
     match rec.event {
-        Event::Connection(c) => c,
+        Event::Connection(c) => *c,
         _ => unreachable!(),
     }
 }

@@ -89,9 +89,12 @@ fn run_tests_bin(name: &str) -> anyhow::Result<()> {
     run_checked(&mut Command::new(target_dir().join("debug").join(name)))
 }
 
-/// The workspace root (xtask lives one folder below it).
+/// The workspace root (xtask lives one folder below it). `cargo run` sets CARGO_MANIFEST_DIR
+/// for the run, which is right even when a shared target directory holds an xtask binary
+/// compiled in another clone (its compile-time value would name that clone).
 fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .parent()
         .expect("xtask sits inside the workspace")
         .to_path_buf()

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use super::reader::StoredRecord;
-use super::record::{Event, Status};
+use super::record::{Event, Process, Status, Token};
 
 /// `#SEQ TIME KIND details`, with the time cut to milliseconds for reading.
 pub fn line(r: &StoredRecord) -> String {
@@ -60,9 +60,10 @@ pub fn line(r: &StoredRecord) -> String {
                 crate::audit::record::Direction::ServerToClient => "<-",
             };
             format!(
-                "{}[{}] {arrow} {} {what}{id} exchange={}{}",
+                "{}[{}]{} {arrow} {} {what}{id} exchange={}{}",
                 e.process.comm,
                 e.process.pid,
+                who(&e.process, e.token.as_ref()),
                 e.connection.original_dst,
                 e.exchange,
                 e.malformed
@@ -72,9 +73,10 @@ pub fn line(r: &StoredRecord) -> String {
             )
         }
         Event::Http(e) => format!(
-            "{}[{}] -> {} {} {} status={} req={} resp={}{}",
+            "{}[{}]{} -> {} {} {} status={} req={} resp={}{}",
             e.process.comm,
             e.process.pid,
+            who(&e.process, e.token.as_ref()),
             e.connection.original_dst,
             e.http.method,
             e.http.path,
@@ -95,6 +97,25 @@ pub fn line(r: &StoredRecord) -> String {
         ),
     };
     format!("#{} {} {} {}", rec.seq, time, rec.event.kind(), details)
+}
+
+/// ` sub=… ci=…`: the token subject (`?reason` when it did not verify) and the CI job.
+fn who(p: &Process, token: Option<&Token>) -> String {
+    let mut out = String::new();
+    if let Some(t) = token {
+        let sub = t.sub.as_deref().unwrap_or("-");
+        match t.reason {
+            None if t.verified => out.push_str(&format!(" sub={sub}")),
+            Some(r) => out.push_str(&format!(" sub={sub}?{}", r.as_str())),
+            None => out.push_str(&format!(" sub={sub}?")),
+        }
+    }
+    if let Some(ci) = &p.ci {
+        let provider = ci.provider.as_deref().unwrap_or("ci");
+        let job = ci.run.as_deref().or(ci.job.as_deref()).unwrap_or("-");
+        out.push_str(&format!(" ci={provider}:{job}"));
+    }
+    out
 }
 
 /// The line with its kind coloured for a terminal: what needs a look (refusals, errors,
@@ -187,7 +208,7 @@ mod tests {
 
     #[test]
     fn connection_line_names_the_process_and_destination() {
-        let line = line(&stored(Event::Connection(ConnectionEvent {
+        let line = line(&stored(Event::Connection(Box::new(ConnectionEvent {
             time: "2026-11-26T10:00:00.123456789Z".into(),
             process: Process {
                 pid: 1234,
@@ -215,7 +236,7 @@ mod tests {
                 status: Status::Closed,
                 detail: None,
             },
-        })));
+        }))));
         assert_eq!(
             line,
             "#42 2026-11-26T10:00:00.123Z connection curl[1234] uid=0 /usr/bin/curl -> 10.0.0.5:8811 req=78B resp=2.0KiB 12ms closed"

@@ -1,5 +1,5 @@
 //! Secondary indexes of the trail, so that `tail` and `export` filters need not scan it:
-//! by time, process id, executable, tool or prompt name, and MCP session. Each index is a
+//! by time, process id, executable, tool or prompt name, MCP session and token subject. Each index is a
 //! column family whose keys are `value || seq` (values are empty); pure functions here say
 //! which keys a record has, so the writer, retention and readers agree.
 #![forbid(unsafe_code)]
@@ -11,12 +11,16 @@ pub const CF_IDX_PID: &str = "idx_pid";
 pub const CF_IDX_EXE: &str = "idx_exe";
 pub const CF_IDX_TOOL: &str = "idx_tool";
 pub const CF_IDX_SESSION: &str = "idx_session";
-pub const ALL: [&str; 5] = [
+/// The `sub` a request's service token states (verified or not; the record says which).
+/// Added after the others; records written before it carry no token, so it is complete.
+pub const CF_IDX_SUB: &str = "idx_sub";
+pub const ALL: [&str; 6] = [
     CF_IDX_TIME,
     CF_IDX_PID,
     CF_IDX_EXE,
     CF_IDX_TOOL,
     CF_IDX_SESSION,
+    CF_IDX_SUB,
 ];
 
 /// Key in `meta`: the first sequence number the indexes cover (older trails were written
@@ -66,6 +70,9 @@ pub fn entries(record: &Record) -> Vec<(&'static str, Vec<u8>)> {
             out.push((CF_IDX_EXE, key(&text_prefix(exe), seq)));
         }
     }
+    if let Some(sub) = super::query::token(&record.event).and_then(|t| t.sub.as_ref()) {
+        out.push((CF_IDX_SUB, key(&text_prefix(sub), seq)));
+    }
     if let Event::Mcp(m) = &record.event {
         if let Some(name) = &m.name {
             out.push((CF_IDX_TOOL, key(&text_prefix(name), seq)));
@@ -95,7 +102,7 @@ mod tests {
             seq: 77,
             host: "h".into(),
             prev_hash: String::new(),
-            event: Event::Http(HttpEvent {
+            event: Event::Http(Box::new(HttpEvent {
                 time: "2026-11-26T10:00:00Z".into(),
                 process: Process {
                     pid: 9,
@@ -104,14 +111,19 @@ mod tests {
                 },
                 connection: Connection::default(),
                 http: HttpInfo::default(),
+                token: Some(Token {
+                    sub: Some("svc-a".into()),
+                    ..Default::default()
+                }),
                 bytes: Bytes::default(),
                 elapsed_us: 0,
                 error: None,
-            }),
+            })),
         };
         let e = entries(&r);
         let cfs: Vec<&str> = e.iter().map(|(cf, _)| *cf).collect();
-        assert_eq!(cfs, [CF_IDX_TIME, CF_IDX_PID, CF_IDX_EXE]);
+        assert_eq!(cfs, [CF_IDX_TIME, CF_IDX_PID, CF_IDX_EXE, CF_IDX_SUB]);
+        assert!(e[3].1.starts_with(&text_prefix("svc-a")));
         assert!(e.iter().all(|(_, k)| seq_of(k) == Some(77)));
         assert!(e[1].1.starts_with(&pid_prefix(9)));
         assert!(e[2].1.starts_with(&text_prefix("/usr/bin/curl")));

@@ -25,9 +25,28 @@ fn key_err(path: &Path, why: impl ToString) -> AuditError {
     }
 }
 
+/// The host-local key that token fingerprints are keyed with (HMAC-SHA256).
+pub const FINGERPRINT_KEY_FILE: &str = "fingerprint.hmac";
+
 /// Loads the signing key, making it (and its folder) first if there is none.
 pub fn load_or_create(state_dir: &Path) -> Result<SigningKey, AuditError> {
-    let path = signing_key_path(state_dir);
+    let seed = load_or_create_secret(state_dir, SIGNING_KEY_FILE, "an ed25519 seed")?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Loads the token fingerprint key, making it first if there is none. It never leaves the
+/// host: without it, a fingerprint cannot be used to confirm a guessed token.
+pub fn load_or_create_fingerprint_key(state_dir: &Path) -> Result<[u8; 32], AuditError> {
+    load_or_create_secret(state_dir, FINGERPRINT_KEY_FILE, "a fingerprint key")
+}
+
+/// 32 random bytes in `STATE_DIR/keys/FILE`, mode 0600 in a 0700 folder, made on first use.
+fn load_or_create_secret(
+    state_dir: &Path,
+    file_name: &str,
+    what: &str,
+) -> Result<[u8; 32], AuditError> {
+    let path = state_dir.join(KEYS_DIR).join(file_name);
     let dir = path.parent().expect("key path has a folder");
     fs::DirBuilder::new()
         .recursive(true)
@@ -37,26 +56,28 @@ pub fn load_or_create(state_dir: &Path) -> Result<SigningKey, AuditError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| key_err(dir, e))?;
     match fs::read(&path) {
         Ok(bytes) => {
-            let seed: [u8; 32] = bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| key_err(&path, "not a 32-byte ed25519 seed; restore it from backup, or move it away to start a new key"))?;
+            let secret: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+                key_err(
+                    &path,
+                    format!("not {what} (32 bytes); restore it from backup, or move it away to start a new key"),
+                )
+            })?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
                 .map_err(|e| key_err(&path, e))?;
-            Ok(SigningKey::from_bytes(&seed))
+            Ok(secret)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed).map_err(|e| key_err(&path, e))?;
+            let mut secret = [0u8; 32];
+            getrandom::fill(&mut secret).map_err(|e| key_err(&path, e))?;
             let mut file = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
                 .open(&path)
                 .map_err(|e| key_err(&path, e))?;
-            file.write_all(&seed).map_err(|e| key_err(&path, e))?;
+            file.write_all(&secret).map_err(|e| key_err(&path, e))?;
             file.sync_all().map_err(|e| key_err(&path, e))?;
-            Ok(SigningKey::from_bytes(&seed))
+            Ok(secret)
         }
         Err(e) => Err(key_err(&path, e)),
     }
@@ -101,6 +122,11 @@ mod tests {
             0o700
         );
         assert_eq!(local_public_key(dir.path()).unwrap(), a.verifying_key());
+        let f = load_or_create_fingerprint_key(dir.path()).unwrap();
+        assert_eq!(f, load_or_create_fingerprint_key(dir.path()).unwrap());
+        assert_ne!(f, a.to_bytes(), "two keys, not one");
+        let fpath = path.parent().unwrap().join(FINGERPRINT_KEY_FILE);
+        assert_eq!(fs::metadata(&fpath).unwrap().mode() & 0o777, 0o600);
     }
 
     #[test]

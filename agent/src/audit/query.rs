@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use globset::{Glob, GlobMatcher};
 
-use super::record::{Event, Process, Record};
+use super::record::{Event, Process, Record, Token};
 use super::{AuditError, Reader, index};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,8 @@ pub struct Filter {
     pub method: Option<String>,
     pub tool: Option<GlobMatcher>,
     pub kind: Option<String>,
+    /// The `sub` of the request's service token, exactly.
+    pub sub: Option<String>,
 }
 
 impl Filter {
@@ -52,6 +54,7 @@ impl Filter {
             && self.method.is_none()
             && self.tool.is_none()
             && self.kind.is_none()
+            && self.sub.is_none()
     }
 
     pub fn matches(&self, record: &Record) -> bool {
@@ -81,6 +84,11 @@ impl Filter {
             {
                 return false;
             }
+        }
+        if let Some(sub) = &self.sub
+            && token(event).and_then(|t| t.sub.as_deref()) != Some(sub.as_str())
+        {
+            return false;
         }
         if self.method.is_some() || self.tool.is_some() {
             let Event::Mcp(m) = event else {
@@ -135,6 +143,10 @@ pub fn candidates(reader: &Reader, filter: &Filter) -> Result<Option<Vec<u64>>, 
         let p = index::text_prefix(tool);
         lists.push(reader.index_seqs(index::CF_IDX_TOOL, &p, &prefix_end(&p))?);
     }
+    if let Some(sub) = &filter.sub {
+        let p = index::text_prefix(sub);
+        lists.push(reader.index_seqs(index::CF_IDX_SUB, &p, &prefix_end(&p))?);
+    }
     if let Some(exe) = filter.exe.as_ref().and_then(literal) {
         let p = index::text_prefix(exe);
         lists.push(reader.index_seqs(index::CF_IDX_EXE, &p, &prefix_end(&p))?);
@@ -165,6 +177,15 @@ pub fn candidates(reader: &Reader, filter: &Filter) -> Result<Option<Vec<u64>>, 
     old.append(&mut found);
     old.dedup();
     Ok(Some(old))
+}
+
+/// The service token a record's request carried, if any.
+pub fn token(event: &Event) -> Option<&Token> {
+    match event {
+        Event::Mcp(m) => m.token.as_ref(),
+        Event::Http(h) => h.token.as_ref(),
+        _ => None,
+    }
 }
 
 /// The calling process a record names, if any.
@@ -200,6 +221,10 @@ mod tests {
                 },
                 connection: Connection::default(),
                 http: HttpInfo::default(),
+                token: Some(Token {
+                    sub: Some("svc-a".into()),
+                    ..Default::default()
+                }),
                 jsonrpc_id: None,
                 method: Some(method.into()),
                 name: name.map(Into::into),
@@ -234,8 +259,14 @@ mod tests {
             since: Some(parse_time("2026-11-26T09:00:00Z").unwrap()),
             until: Some(parse_time("2026-11-26T11:00:00+01:00").unwrap()),
             kind: Some("mcp".into()),
+            sub: Some("svc-a".into()),
         };
         assert!(f.matches(&r));
+        let other_sub = Filter {
+            sub: Some("svc-b".into()),
+            ..Filter::default()
+        };
+        assert!(!other_sub.matches(&r));
         for miss in [
             Filter {
                 pid: Some(8),

@@ -26,7 +26,7 @@ pub struct Record {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Event {
     /// A redirected connection, written when it closes.
-    Connection(ConnectionEvent),
+    Connection(Box<ConnectionEvent>),
     /// A connection to the proxy that did not come through the redirect: refused.
     Refused(RefusedEvent),
     AgentStart(AgentStart),
@@ -36,7 +36,7 @@ pub enum Event {
     /// One MCP (JSON-RPC) message, in either direction. Boxed: it is the largest kind.
     Mcp(Box<McpEvent>),
     /// An HTTP request on a redirected connection that carried no MCP message.
-    Http(HttpEvent),
+    Http(Box<HttpEvent>),
 }
 
 impl Event {
@@ -84,11 +84,177 @@ pub struct Process {
     /// True when the command line was longer than the capture bound and was cut.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cmdline_truncated: bool,
+    /// True when credentials (token-shaped values, or the token a request carried) were
+    /// replaced in the recorded command line.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cmdline_redacted: bool,
     /// cgroup v2 id of the caller (inode number of its cgroup folder).
     pub cgroup_id: u64,
     /// Why /proc enrichment missed, when it did (for example the process had already exited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrichment_error: Option<String>,
+    /// Name of `uid` on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Name of `gid` on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// When the process started (RFC 3339, clock-tick precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// The parent, its parent and so on, nearest first, up to the configured depth.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<Parent>,
+    /// cgroup v2 path, from the root of the hierarchy (found from `cgroup_id` when the process
+    /// had already exited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The systemd unit (service or scope) the cgroup belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+    /// CI job context, from the allow-listed environment variables of the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci: Option<Ci>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Parent {
+    pub pid: u32,
+    pub comm: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+}
+
+/// A container the caller runs in, as its cgroup path names it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Container {
+    /// `docker`, `containerd`, `cri-o` or `podman`.
+    pub runtime: String,
+    pub id: String,
+    /// Kubernetes pod UID, when the container belongs to a pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+}
+
+/// The CI job a process runs for.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ci {
+    /// `github_actions`, `gitlab_ci`, `jenkins`, `buildkite`, `circleci`, `azure_pipelines`;
+    /// absent when only extra allow-listed variables were found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Allow-listed variables that no provider field takes (operator-added names).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub vars: std::collections::BTreeMap<String, String>,
+}
+
+/// The service token a request carried: never the token itself, but what it says, whether
+/// it verified, and a keyed fingerprint that correlates equal tokens across records.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Token {
+    /// The header it came in (lower case).
+    pub header: String,
+    /// `bearer`, `basic`, or absent for a header that carries the token bare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// Hex HMAC-SHA256 of the token under this host's fingerprint key.
+    pub fingerprint: String,
+    pub verified: bool,
+    /// Why it did not verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<TokenFailure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    /// The claims below are what the token says; trust them only when `verified`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aud: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    /// The configured extra claims (for example `groups`, `scope`), as the token has them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub claims: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// Why a token did not verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenFailure {
+    /// Not a JWT (an opaque key, or Basic credentials).
+    NotJwt,
+    /// A JWT whose parts do not decode.
+    Malformed,
+    /// No issuer is configured, so nothing can verify it.
+    NoKey,
+    /// Its `iss` is none of the configured issuers.
+    UnknownIssuer,
+    /// Its `kid` is in none of the issuer's keys, even after a refresh.
+    UnknownKid,
+    /// The issuer's keys could not be loaded.
+    KeysUnavailable,
+    AlgorithmNotAllowed,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongAudience,
+    /// A required claim (such as `exp`) is missing.
+    MissingClaim,
+}
+
+impl TokenFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenFailure::NotJwt => "not_jwt",
+            TokenFailure::Malformed => "malformed",
+            TokenFailure::NoKey => "no_key",
+            TokenFailure::UnknownIssuer => "unknown_issuer",
+            TokenFailure::UnknownKid => "unknown_kid",
+            TokenFailure::KeysUnavailable => "keys_unavailable",
+            TokenFailure::AlgorithmNotAllowed => "algorithm_not_allowed",
+            TokenFailure::BadSignature => "bad_signature",
+            TokenFailure::Expired => "expired",
+            TokenFailure::NotYetValid => "not_yet_valid",
+            TokenFailure::WrongAudience => "wrong_audience",
+            TokenFailure::MissingClaim => "missing_claim",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -259,6 +425,9 @@ pub struct McpEvent {
     pub process: Process,
     pub connection: Connection,
     pub http: HttpInfo,
+    /// The service token the HTTP request carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Token>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jsonrpc_id: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -299,6 +468,8 @@ pub struct HttpEvent {
     pub process: Process,
     pub connection: Connection,
     pub http: HttpInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Token>,
     pub bytes: Bytes,
     pub elapsed_us: u64,
     /// Set when the exchange failed (for example the gateway reset the connection).

@@ -26,6 +26,10 @@ pub struct FilterArgs {
     /// Only records of this kind (`mcp`, `http`, `connection`, `refused`, `agent_start`, ...).
     #[arg(long, value_name = "KIND")]
     pub kind: Option<String>,
+    /// Only requests whose service token states this subject (`sub` claim; the record says
+    /// whether the token verified).
+    #[arg(long, value_name = "SUB")]
+    pub sub: Option<String>,
 }
 
 impl FilterArgs {
@@ -38,6 +42,7 @@ impl FilterArgs {
             method: self.method.clone(),
             tool: self.tool.as_deref().map(query::parse_glob).transpose()?,
             kind: self.kind.clone(),
+            sub: self.sub.clone(),
         })
     }
 }

@@ -10,12 +10,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::keys;
 use crate::audit::record::{AgentStart, AgentStop, Event, TargetsChanged, now_rfc3339};
 use crate::audit::store::{CheckpointPolicy, Durability, Retention};
 use crate::audit::{AuditLog, Store};
 use crate::control::{self, Request};
+use crate::identity::{self, fingerprint::Fingerprinter};
 use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
 use crate::policy::Policy;
+use crate::process;
 use crate::proxy::{self, OnAuditFailure, Proxy, Stats};
 
 pub const DEFAULT_LISTEN_PORT: u16 = 15811;
@@ -300,16 +303,45 @@ async fn serve(
         .await
         .context("recording the agent start")?;
 
+    let identity = &policy.identity;
+    let identifier = Arc::new(process::Identifier::new(process::Settings {
+        proc_root: PathBuf::from("/proc"),
+        cgroup_root: intercept::cgroup::cgroup2_root(),
+        parent_depth: identity.parent_depth,
+        env_allow: process::env_allowlist(identity.ci_env.as_deref(), &identity.ci_env_extra),
+    }));
+    let fingerprint_key = keys::load_or_create_fingerprint_key(state_dir)?;
+    let verifier = Arc::new(
+        identity::Verifier::new(identity, Fingerprinter::new(fingerprint_key))
+            .await
+            .context("setting up service token verification (the policy's [identity] section)")?,
+    );
+
     let stop_accepting = CancellationToken::new();
     let cut = CancellationToken::new();
     let tracker = TaskTracker::new();
+    if let Some(every) = verifier.refresh_interval() {
+        let verifier = verifier.clone();
+        let stop = cut.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => verifier.refresh_all().await,
+                    _ = stop.cancelled() => break,
+                }
+            }
+        });
+    }
     let proxy = Proxy::new(
         listeners,
         interceptor.clone(),
         audit.clone(),
         proxy::Settings {
             connect_timeout: Duration::from_secs(args.connect_timeout),
-            proc_root: PathBuf::from("/proc"),
+            identifier,
+            verifier: verifier.clone(),
             mark: args.upstream_mark,
             capture_limit: args.capture_limit,
             hold_end: args.durability == DurabilityArg::Sync,

@@ -19,6 +19,11 @@ pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
+/// The cgroup2 mount point of this host, if one is mounted.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    cgroup2_mount(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
 fn unescape(s: &str) -> String {
     let bytes = s.as_bytes();

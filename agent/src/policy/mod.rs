@@ -7,6 +7,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::audit::record::PolicyRef;
+use crate::identity::IdentityConfig;
 
 /// The default policy, compiled into the binary.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../../policies/default.toml");
@@ -39,6 +40,8 @@ struct PolicyFile {
     name: String,
     #[serde(default)]
     description: String,
+    #[serde(default)]
+    identity: IdentityConfig,
 }
 
 /// A loaded policy and where it came from.
@@ -46,6 +49,8 @@ struct PolicyFile {
 pub struct Policy {
     pub name: String,
     pub description: String,
+    /// How callers are identified: process details, CI context, service tokens.
+    pub identity: IdentityConfig,
     /// `embedded` or the file's path.
     pub source: String,
     pub sha256: [u8; 32],
@@ -70,6 +75,28 @@ impl Policy {
             source_name: source_name.to_owned(),
             message: describe(text, &e),
         })?;
+        for issuer in &file.identity.issuers {
+            if let Err(why) = issuer.algorithms() {
+                return Err(PolicyError::Invalid {
+                    source_name: source_name.to_owned(),
+                    message: format!("identity.issuers {:?}: {why}", issuer.issuer),
+                });
+            }
+            let sources = [
+                issuer.jwks_file.is_some(),
+                issuer.jwks_url.is_some(),
+                issuer.hs_secret_file.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(PolicyError::Invalid {
+                    source_name: source_name.to_owned(),
+                    message: format!(
+                        "identity.issuers {:?}: set exactly one of jwks_file, jwks_url and hs_secret_file",
+                        issuer.issuer
+                    ),
+                });
+            }
+        }
         if file.version != SCHEMA_VERSION {
             return Err(PolicyError::Version {
                 source_name: source_name.to_owned(),
@@ -79,6 +106,7 @@ impl Policy {
         Ok(Policy {
             name: file.name,
             description: file.description,
+            identity: file.identity,
             source: source_name.to_owned(),
             sha256: Sha256::digest(text.as_bytes()).into(),
         })

@@ -34,7 +34,7 @@ use super::correlate::{Correlator, session_key};
 use crate::audit::AuditLog;
 use crate::audit::record::{
     Bytes as ByteCounts, Connection, Direction, Event, HttpEvent, HttpInfo, McpEvent, Process,
-    now_rfc3339,
+    Token, now_rfc3339,
 };
 use crate::mcp::{self, Kind, Message};
 
@@ -48,12 +48,14 @@ pub struct ConnParts {
     pub tracker: tokio_util::task::TaskTracker,
     pub correlator: Arc<Correlator>,
     pub hold_end: bool,
+    pub verifier: Arc<crate::identity::Verifier>,
 }
 
 /// What every request on one connection shares.
 pub struct Conn {
     pub audit: AuditLog,
-    pub process: Process,
+    /// Shared with the connection's own record, which must see the same redactions.
+    pub process: Arc<std::sync::RwLock<Process>>,
     pub connection: Connection,
     /// Bytes of a body kept for the record; forwarding is never bounded by it.
     pub capture_limit: usize,
@@ -67,10 +69,16 @@ pub struct Conn {
     pub hold_end: bool,
     on_failure: OnAuditFailure,
     stats: Arc<super::Stats>,
+    verifier: Arc<crate::identity::Verifier>,
 }
 
 impl Conn {
-    pub fn new(parts: ConnParts, process: Process, connection: Connection, id: String) -> Self {
+    pub fn new(
+        parts: ConnParts,
+        process: Arc<std::sync::RwLock<Process>>,
+        connection: Connection,
+        id: String,
+    ) -> Self {
         Conn {
             audit: parts.audit,
             process,
@@ -83,6 +91,35 @@ impl Conn {
             hold_end: parts.hold_end,
             on_failure: parts.on_failure,
             stats: parts.stats,
+            verifier: parts.verifier,
+        }
+    }
+
+    fn process(&self) -> Process {
+        self.process.read().expect("process lock").clone()
+    }
+
+    /// Takes a request's raw token out of the recorded command line (a caller that passed
+    /// it in argv, like `curl -H "Authorization: Bearer …"`), whatever its shape.
+    fn redact_token(&self, raw: &str, fingerprint: &str) {
+        let present = self
+            .process
+            .read()
+            .expect("process lock")
+            .cmdline
+            .as_ref()
+            .is_some_and(|args| args.iter().any(|a| a.contains(raw)));
+        if present {
+            let mut p = self.process.write().expect("process lock");
+            let label = format!(
+                "[REDACTED:token {}]",
+                &fingerprint[..12.min(fingerprint.len())]
+            );
+            if let Some(args) = p.cmdline.as_mut()
+                && crate::process::scrub::secret(args, raw, &label)
+            {
+                p.cmdline_redacted = true;
+            }
         }
     }
 
@@ -98,15 +135,22 @@ impl Conn {
         }
     }
 
-    fn mcp_event(&self, exchange: String, direction: Direction, http: &HttpInfo) -> McpEvent {
+    fn mcp_event(
+        &self,
+        exchange: String,
+        direction: Direction,
+        http: &HttpInfo,
+        token: Option<&Token>,
+    ) -> McpEvent {
         McpEvent {
             time: now_rfc3339(),
             exchange,
             direction,
             message: None,
-            process: self.process.clone(),
+            process: self.process(),
             connection: self.connection.clone(),
             http: http.clone(),
+            token: token.cloned(),
             jsonrpc_id: None,
             method: None,
             name: None,
@@ -127,6 +171,7 @@ impl Conn {
         exchange: String,
         direction: Direction,
         http: &HttpInfo,
+        token: Option<&Token>,
         m: Message,
         batch: bool,
     ) -> McpEvent {
@@ -140,7 +185,7 @@ impl Conn {
             result: m.result.map(|v| mcp::bounded(v, self.capture_limit)),
             error: m.error.map(|v| mcp::bounded(v, self.capture_limit)),
             batch,
-            ..self.mcp_event(exchange, direction, http)
+            ..self.mcp_event(exchange, direction, http, token)
         }
     }
 }
@@ -262,10 +307,23 @@ where
     let service = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
         let gateway = gateway.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(conn, gateway, req).await) }
+        // A task of its own: a client that hangs up does not cancel the recording of what
+        // it already sent (hyper drops the service future when the connection goes).
+        let task = conn.tracker.clone().spawn(handle(conn, gateway, req));
+        async move {
+            Ok::<_, std::convert::Infallible>(task.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a request handler failed");
+                text_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "mcptrail: the proxy failed on this request (see the agent's log)\n".into(),
+                )
+            }))
+        }
     });
     match hyper::server::conn::http1::Builder::new()
         .preserve_header_case(true)
+        // A client that shuts down its sending side after the request still gets the answer.
+        .half_close(true)
         .serve_connection(TokioIo::new(client), service)
         .with_upgrades()
         .await
@@ -310,14 +368,30 @@ async fn handle(
         mcp_name: header(&parts.headers, "mcp-name"),
         ..Default::default()
     };
+    // Verified once per token (cached by fingerprint); the raw value goes no further.
+    let token = match conn.verifier.token(&parts.headers).await {
+        Some((token, raw)) => {
+            conn.redact_token(&raw.value, &token.fingerprint);
+            Some(token)
+        }
+        None => None,
+    };
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let is_connect = parts.method == Method::CONNECT;
     let (prefix, rest) = match read_prefix(body, parse_limit(conn.capture_limit)).await {
         Ok(r) => r,
         Err(e) => {
             let error = format!("reading the request body failed: {e}");
-            conn.record(http_event(&conn, &http, 0, 0, t0, Some(error.clone())))
-                .await;
+            conn.record(http_event(
+                &conn,
+                &http,
+                token.as_ref(),
+                0,
+                0,
+                t0,
+                Some(error.clone()),
+            ))
+            .await;
             return text_response(StatusCode::BAD_REQUEST, error);
         }
     };
@@ -333,7 +407,12 @@ async fn handle(
         if rest.is_some() {
             if is_json(&parts.headers) {
                 is_mcp = true;
-                let mut e = conn.mcp_event(format!("{base}.0"), Direction::ClientToServer, &http);
+                let mut e = conn.mcp_event(
+                    format!("{base}.0"),
+                    Direction::ClientToServer,
+                    &http,
+                    token.as_ref(),
+                );
                 e.malformed = Some(format!(
                     "the body is larger than the parse limit ({} bytes); forwarded, not parsed",
                     parse_limit(conn.capture_limit)
@@ -392,6 +471,7 @@ async fn handle(
                             exchange,
                             Direction::ClientToServer,
                             &http,
+                            token.as_ref(),
                             m,
                             batch,
                         );
@@ -401,8 +481,12 @@ async fn handle(
                 }
                 Err(err) if is_json(&parts.headers) => {
                     is_mcp = true;
-                    let mut e =
-                        conn.mcp_event(format!("{base}.0"), Direction::ClientToServer, &http);
+                    let mut e = conn.mcp_event(
+                        format!("{base}.0"),
+                        Direction::ClientToServer,
+                        &http,
+                        token.as_ref(),
+                    );
                     e.malformed = Some(err.to_string());
                     recorded &= conn.record(Event::Mcp(Box::new(e))).await;
                 }
@@ -437,7 +521,12 @@ async fn handle(
             let why = format!("the MCP gateway failed: {e}");
             tracing::warn!(conn = %conn.id, error = %e, "upstream request failed");
             for exchange in pending.values() {
-                let mut ev = conn.mcp_event(exchange.clone(), Direction::ServerToClient, &http);
+                let mut ev = conn.mcp_event(
+                    exchange.clone(),
+                    Direction::ServerToClient,
+                    &http,
+                    token.as_ref(),
+                );
                 ev.message = Some(Kind::Error);
                 ev.error = Some(serde_json::json!({"mcptrail": why}));
                 ev.elapsed_us = Some(t0.elapsed().as_micros() as u64);
@@ -447,6 +536,7 @@ async fn handle(
                 conn.record(http_event(
                     &conn,
                     &http,
+                    token.as_ref(),
                     req_bytes,
                     0,
                     t0,
@@ -483,6 +573,7 @@ async fn handle(
     let observed = Observed {
         conn: conn.clone(),
         http,
+        token,
         base,
         pending,
         t0,
@@ -578,20 +669,22 @@ fn header_mismatch(http: &HttpInfo, m: &Message) -> Option<String> {
 fn http_event(
     conn: &Conn,
     http: &HttpInfo,
+    token: Option<&Token>,
     req: u64,
     resp: u64,
     t0: Instant,
     error: Option<String>,
 ) -> Event {
-    Event::Http(HttpEvent {
+    Event::Http(Box::new(HttpEvent {
         time: now_rfc3339(),
-        process: conn.process.clone(),
+        process: conn.process(),
         connection: conn.connection.clone(),
         http: http.clone(),
+        token: token.cloned(),
         bytes: ByteCounts { req, resp },
         elapsed_us: t0.elapsed().as_micros() as u64,
         error,
-    })
+    }))
 }
 
 fn full(bytes: impl Into<Bytes>) -> ProxyBody {
@@ -789,6 +882,7 @@ impl Body for Tee {
 struct Observed {
     conn: Arc<Conn>,
     http: HttpInfo,
+    token: Option<Token>,
     base: String,
     /// Request id (as JSON text) to exchange id, for requests still waiting for an answer.
     pending: HashMap<String, String>,
@@ -954,6 +1048,7 @@ impl Observed {
             let e = http_event(
                 &self.conn,
                 &self.http,
+                self.token.as_ref(),
                 self.req_bytes,
                 self.resp_bytes,
                 self.t0,
@@ -976,9 +1071,12 @@ impl Observed {
         }
         let unanswered: Vec<String> = unanswered.into_iter().map(|(_, ex)| ex).collect();
         for exchange in unanswered {
-            let mut e = self
-                .conn
-                .mcp_event(exchange, Direction::ServerToClient, &self.http);
+            let mut e = self.conn.mcp_event(
+                exchange,
+                Direction::ServerToClient,
+                &self.http,
+                self.token.as_ref(),
+            );
             e.message = Some(Kind::Error);
             e.error = Some(serde_json::json!({
                 "mcptrail": format!("the response (HTTP {status}) ended without an answer to this request")
@@ -1042,6 +1140,7 @@ impl Observed {
                         exchange,
                         Direction::ServerToClient,
                         &self.http,
+                        self.token.as_ref(),
                         m,
                         batch,
                     );
@@ -1059,6 +1158,7 @@ impl Observed {
             format!("{}.m", self.base),
             Direction::ServerToClient,
             &self.http,
+            self.token.as_ref(),
         );
         e.malformed = Some(why);
         e.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);

@@ -12,7 +12,6 @@ mod sse_props;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,7 +27,6 @@ use crate::audit::record::{
     rfc3339,
 };
 use crate::intercept::{Interceptor, origin_destination};
-use crate::process;
 
 /// Waits between origin look-ups. The kernel stores the origin before the client's final
 /// handshake ACK is sent, so the first look-up should hit; the retries only cover scheduling
@@ -57,7 +55,10 @@ pub enum ProxyError {
 
 pub struct Settings {
     pub connect_timeout: Duration,
-    pub proc_root: PathBuf,
+    /// Reads who the calling process is.
+    pub identifier: Arc<crate::process::Identifier>,
+    /// Verifies the service tokens requests carry.
+    pub verifier: Arc<crate::identity::Verifier>,
     /// SO_MARK for upstream sockets (0: none).
     pub mark: u32,
     /// Bytes of each HTTP body kept for the record (forwarding is never bounded by it).
@@ -283,16 +284,28 @@ impl Shared {
             .unwrap_or_default();
         if self.settings.on_audit_failure == OnAuditFailure::Block && !self.audit.healthy() {
             self.stats.blocked.fetch_add(1, Ordering::Relaxed);
+            // An HTTP client gets told why, not just a closed connection.
+            let mut client = client;
+            if sniff_http(&client).await {
+                let body = format!("mcptrail: {REFUSED_AUDIT_DOWN}\n");
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut client, answer.as_bytes()).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut client).await;
+            }
             return self.refuse(client, peer, REFUSED_AUDIT_DOWN).await;
         }
         let target = self.interceptor.target_for(dst).map(|t| t.to_string());
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         // Read /proc at once: the caller may be short-lived.
-        let proc_root = self.settings.proc_root.clone();
-        let process = tokio::task::spawn_blocking(move || process::identify(&origin, &proc_root))
+        let identifier = self.settings.identifier.clone();
+        let process = tokio::task::spawn_blocking(move || identifier.identify(&origin))
             .await
             .expect("identify does not panic");
 
+        let shared_process = Arc::new(std::sync::RwLock::new(process));
         let counts = Arc::new(relay::Counts::default());
         let outcome = match tokio::time::timeout(
             self.settings.connect_timeout,
@@ -332,8 +345,9 @@ impl Shared {
                                 tracker: self.tracker.clone(),
                                 correlator: self.correlator.clone(),
                                 hold_end: self.settings.hold_end,
+                                verifier: self.settings.verifier.clone(),
                             },
-                            process.clone(),
+                            shared_process.clone(),
                             conn_info,
                             format!("{}.{n}", self.run_id),
                         ));
@@ -362,7 +376,7 @@ impl Shared {
             self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
         }
         let ended = chrono::Utc::now();
-        let event = Event::Connection(ConnectionEvent {
+        let event = Event::Connection(Box::new(ConnectionEvent {
             time: now_rfc3339(),
             connection: Connection {
                 client: peer.to_string(),
@@ -380,8 +394,8 @@ impl Shared {
                 resp: counts.resp.load(std::sync::atomic::Ordering::Relaxed),
             },
             outcome,
-            process,
-        });
+            process: shared_process.read().expect("process lock").clone(),
+        }));
         if let Err(e) = self.audit.append(event).await {
             self.stats.audit_losses.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, %peer, %dst, "could not record a connection: it is missing from the trail");
