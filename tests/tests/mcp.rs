@@ -32,6 +32,9 @@ fn run_client(cgroup: &TestCgroup, port: u16, case: &Case) -> (u32, serde_json::
     if case.sampling {
         cmd.arg("--sampling");
     }
+    if case.modern {
+        cmd.arg("--modern");
+    }
     let (pid, out) = output_with_pid(&mut cmd);
     assert!(
         out.status.success(),
@@ -66,6 +69,8 @@ struct Case<'a> {
     sse_transport: bool,
     /// Also call a tool whose server asks the client's model (sampling).
     sampling: bool,
+    /// 2026-07-28 only: an `input_required` round and a `subscriptions/listen` stream.
+    modern: bool,
 }
 
 fn exercise(case: Case) {
@@ -78,6 +83,7 @@ fn exercise(case: Case) {
         session,
         sse_transport,
         sampling,
+        modern,
         ..
     } = case;
     require_root();
@@ -91,7 +97,7 @@ fn exercise(case: Case) {
     let (pid, out) = run_client(&cgroup, port, &case);
     assert_eq!(
         out["tools"],
-        serde_json::json!(["add", "echo", "summarize"])
+        serde_json::json!(["add", "deploy", "echo", "summarize", "touch_tools"])
     );
     assert_eq!(out["add"], serde_json::json!(["42"]));
 
@@ -112,7 +118,9 @@ fn exercise(case: Case) {
                 all.iter()
                     .any(|o| o.exchange == req.exchange && o.direction == Direction::ServerToClient)
             });
-        if done || std::time::Instant::now() > deadline {
+        // The listen stream's end is recorded when the client closes it.
+        let listen_closed = !modern || all.iter().any(|r| r.client_closed);
+        if done && listen_closed || std::time::Instant::now() > deadline {
             break all;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -153,7 +161,11 @@ fn exercise(case: Case) {
         .iter()
         .filter(|r| r.method.as_deref() == Some("tools/call"))
         .collect();
-    assert_eq!(calls.len(), if sampling { 3 } else { 2 }, "{all:#?}");
+    assert_eq!(
+        calls.len(),
+        2 + usize::from(sampling) + if modern { 3 } else { 0 },
+        "{all:#?}"
+    );
     let add = calls
         .iter()
         .find(|c| c.name.as_deref() == Some("add"))
@@ -213,6 +225,68 @@ fn exercise(case: Case) {
             "a short summary"
         );
     }
+    if modern {
+        // `_meta` says who the client is, on every request.
+        let info = add
+            .client_info
+            .as_ref()
+            .unwrap_or_else(|| panic!("{add:#?}"));
+        assert!(info["name"].is_string(), "{info}");
+        // An `input_required` round: the retry is linked to the first request.
+        let deploys: Vec<&&McpEvent> = calls
+            .iter()
+            .filter(|c| c.name.as_deref() == Some("deploy"))
+            .collect();
+        assert_eq!(deploys.len(), 2, "{all:#?}");
+        let first_out = outcome_of(&all, deploys[0]);
+        assert_eq!(
+            first_out.result.as_ref().unwrap()["resultType"],
+            "input_required"
+        );
+        assert_eq!(deploys[0].logical_call, None);
+        assert_eq!(
+            deploys[1].logical_call.as_deref(),
+            Some(deploys[0].exchange.as_str()),
+            "{:#?}",
+            deploys[1]
+        );
+        assert_eq!(deploys[1].round, Some(1));
+        assert_eq!(
+            outcome_of(&all, deploys[1]).result.as_ref().unwrap()["content"][0]["text"],
+            "deployed to staging"
+        );
+        assert_eq!(out["deploy"], serde_json::json!(["deployed to staging"]));
+        // A listen stream: its frames belong to the listen request, and the client closing
+        // the stream is its end.
+        let listen = find("subscriptions/listen");
+        let changed = all
+            .iter()
+            .find(|r| r.method.as_deref() == Some("notifications/tools/list_changed"))
+            .unwrap_or_else(|| panic!("no list_changed event in {all:#?}"));
+        assert_eq!(changed.exchange, listen.exchange);
+        assert_eq!(out["listen_event"], "ToolsListChanged");
+        let end = all
+            .iter()
+            .find(|r| r.exchange == listen.exchange && r.client_closed)
+            .unwrap_or_else(|| {
+                let mine: Vec<_> = all
+                    .iter()
+                    .filter(|r| r.exchange == listen.exchange)
+                    .map(|r| {
+                        (
+                            r.direction,
+                            r.message,
+                            r.method.clone(),
+                            r.error.clone(),
+                            r.http.status,
+                            r.http.content_type.clone(),
+                        )
+                    })
+                    .collect();
+                panic!("no client-closed end for the listen stream: {mine:#?}")
+            });
+        assert_eq!(end.message, Some(Kind::Error));
+    }
     let add_http = &add_out.http;
     assert!(
         add_http
@@ -271,6 +345,7 @@ fn protocol_2026_07_28_stateless_discover() {
         session: false,
         sse_transport: false,
         sampling: false,
+        modern: true,
     });
 }
 
@@ -286,6 +361,7 @@ fn handshake_era_with_sessions_sse_responses_and_a_server_request() {
         session: true,
         sse_transport: false,
         sampling: true,
+        modern: false,
     });
 }
 
@@ -301,6 +377,7 @@ fn handshake_era_with_json_responses() {
         session: true,
         sse_transport: false,
         sampling: false,
+        modern: false,
     });
 }
 
@@ -316,5 +393,6 @@ fn legacy_http_and_sse_transport_with_a_server_request() {
         session: false,
         sse_transport: true,
         sampling: true,
+        modern: false,
     });
 }

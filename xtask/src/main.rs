@@ -39,6 +39,13 @@ enum Task {
     /// Set up, build, and run the benchmarks (root): each compares against the direct path in
     /// the same run and reports ratios. See BENCHMARKS.md.
     Bench,
+    /// Set up, then run the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer, nightly): each for
+    /// SECONDS, or only TARGET. Crashes land in fuzz/artifacts/TARGET.
+    Fuzz {
+        target: Option<String>,
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Set up, build, and show mcptrail at work (root): a real MCP server, the agent on a
     /// child cgroup of its own, a real MCP client, the trail they leave, and its verification.
     Demo,
@@ -70,6 +77,17 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             test::run()
         }
+        Task::Fuzz { target, seconds } => {
+            setup::run()?;
+            let targets: Vec<&str> = match &target {
+                Some(t) => vec![t.as_str()],
+                None => FUZZ_TARGETS.to_vec(),
+            };
+            for t in targets {
+                fuzz(t, seconds)?;
+            }
+            Ok(())
+        }
         Task::Bench => {
             setup::run()?;
             build()?;
@@ -87,6 +105,26 @@ fn main() -> anyhow::Result<()> {
 fn run_tests_bin(name: &str) -> anyhow::Result<()> {
     run_checked(cargo().args(["build", "--package", "mcptrail-tests", "--bin", name]))?;
     run_checked(&mut Command::new(target_dir().join("debug").join(name)))
+}
+
+/// The fuzz targets of fuzz/Cargo.toml.
+pub const FUZZ_TARGETS: [&str; 2] = ["jsonrpc_classify", "sse_decode"];
+
+/// Runs one fuzz target for `seconds`, from its committed seeds (fuzz/seeds/TARGET) and the
+/// corpus it has grown (fuzz/corpus/TARGET, not committed).
+pub fn fuzz(target: &str, seconds: u64) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let corpus = root.join("fuzz/corpus").join(target);
+    std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(&root)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args(["run", "nightly", "cargo", "fuzz", "run", target])
+        .arg(&corpus)
+        .arg(root.join("fuzz/seeds").join(target))
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"));
+    run_checked(&mut cmd)
 }
 
 /// The workspace root (xtask lives one folder below it). `cargo run` sets CARGO_MANIFEST_DIR

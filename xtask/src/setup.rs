@@ -23,7 +23,34 @@ pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     mcp_sdk()?;
+    cargo_fuzz()?;
     Ok(())
+}
+
+/// cargo-fuzz, pinned, for the fuzz targets in fuzz/ (libFuzzer, built with nightly).
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let works = Command::new("cargo-fuzz")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if works {
+        return Ok(());
+    }
+    run_checked(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ])
+            .env_remove("CARGO_TARGET_DIR"),
+    )
+    .context("installing cargo-fuzz")
 }
 
 /// The Python virtual environment with the MCP SDK, in ~/.local/share/mcptrail/venv (the

@@ -39,6 +39,10 @@ pub fn run() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The fuzz targets, briefly: they build, and a few seconds of fuzzing find nothing new.
+    for target in crate::FUZZ_TARGETS {
+        crate::fuzz(target, 10)?;
+    }
     let bin = build()?;
     run_checked(
         cargo()

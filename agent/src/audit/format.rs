@@ -50,11 +50,17 @@ pub fn line(r: &StoredRecord) -> String {
                     None => "malformed".to_owned(),
                 },
             };
-            let id = e
+            let mut id = e
                 .jsonrpc_id
                 .as_ref()
                 .map(|i| format!(" id={i}"))
                 .unwrap_or_default();
+            if let (Some(call), Some(round)) = (&e.logical_call, e.round) {
+                id.push_str(&format!(" retry={round} of={call}"));
+            }
+            if e.client_closed {
+                id.push_str(" closed-by-client");
+            }
             let arrow = match e.direction {
                 crate::audit::record::Direction::ClientToServer => "->",
                 crate::audit::record::Direction::ServerToClient => "<-",

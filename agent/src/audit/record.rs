@@ -444,6 +444,20 @@ pub struct McpEvent {
     pub result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<serde_json::Value>,
+    /// Who the client says it is (`_meta` client info, or `initialize`'s `clientInfo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_info: Option<serde_json::Value>,
+    /// For a retry of an `input_required` round (2026-07-28): the exchange of the first
+    /// request of the logical call, and which retry this is (1, 2, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_call: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
+    /// The outcome of a request whose response stream the client closed before an answer
+    /// (for 2026-07-28, closing the stream cancels the request; for `subscriptions/listen`,
+    /// it ends the subscription).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_closed: bool,
     /// Part of a JSON-RPC batch.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub batch: bool,

@@ -111,6 +111,52 @@ pub fn classify(value: Value) -> Result<Message, McpError> {
     })
 }
 
+/// `_meta` key of a 2026-07-28 request naming the client (`{name, version}`).
+pub const CLIENT_INFO_META_KEY: &str = "io.modelcontextprotocol/clientInfo";
+/// `_meta` key on every frame of a `subscriptions/listen` stream: the listen request's id.
+pub const SUBSCRIPTION_ID_META_KEY: &str = "io.modelcontextprotocol/subscriptionId";
+
+fn meta(m: &Message) -> Option<&serde_json::Map<String, Value>> {
+    m.params.as_ref()?.get("_meta")?.as_object()
+}
+
+/// Who the client says it is: `_meta` client info (2026-07-28, on every request) or the
+/// `clientInfo` of `initialize` (earlier versions).
+pub fn client_info(m: &Message) -> Option<Value> {
+    if let Some(info) = meta(m).and_then(|meta| meta.get(CLIENT_INFO_META_KEY)) {
+        return Some(info.clone());
+    }
+    (m.method.as_deref() == Some("initialize"))
+        .then(|| m.params.as_ref()?.get("clientInfo").cloned())
+        .flatten()
+}
+
+/// The `requestState` a retried request echoes (2026-07-28 `input_required` rounds).
+pub fn request_state(m: &Message) -> Option<String> {
+    m.params
+        .as_ref()?
+        .get("requestState")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// For a result that asks for more input (`resultType: "input_required"`): the
+/// `requestState` the retry will echo, if the server sent one.
+pub fn input_required(m: &Message) -> Option<Option<String>> {
+    let result = m.result.as_ref()?;
+    (result.get("resultType")?.as_str()? == "input_required").then(|| {
+        result
+            .get("requestState")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    })
+}
+
+/// The listen request (its id as JSON text) a `subscriptions/listen` stream frame belongs to.
+pub fn subscription_id(m: &Message) -> Option<String> {
+    meta(m)?.get(SUBSCRIPTION_ID_META_KEY).map(Value::to_string)
+}
+
 /// A JSON value bounded for the record: itself when its JSON text fits in `limit` bytes,
 /// else a marker saying it was cut, how big it was, and its first `limit` bytes of text.
 pub fn bounded(value: serde_json::Value, limit: usize) -> serde_json::Value {
@@ -143,6 +189,38 @@ pub fn error_body(id: &Value, message: &str) -> Vec<u8> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn one(v: serde_json::Value) -> Message {
+        classify(v).unwrap()
+    }
+
+    #[test]
+    fn client_info_input_required_and_listen_frames() {
+        let m = one(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x",
+            "_meta": {CLIENT_INFO_META_KEY: {"name": "cli", "version": "1"}}, "requestState": "s1"}}),
+        );
+        assert_eq!(
+            client_info(&m),
+            Some(json!({"name": "cli", "version": "1"}))
+        );
+        assert_eq!(request_state(&m).as_deref(), Some("s1"));
+        let init = one(
+            json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"clientInfo": {"name": "old"}}}),
+        );
+        assert_eq!(client_info(&init), Some(json!({"name": "old"})));
+        let r = one(
+            json!({"jsonrpc": "2.0", "id": 1, "result": {"resultType": "input_required", "requestState": "s2"}}),
+        );
+        assert_eq!(input_required(&r), Some(Some("s2".into())));
+        let done = one(json!({"jsonrpc": "2.0", "id": 1, "result": {"content": []}}));
+        assert_eq!(input_required(&done), None);
+        let n = one(
+            json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+            "params": {"_meta": {SUBSCRIPTION_ID_META_KEY: "listen-1"}}}),
+        );
+        assert_eq!(subscription_id(&n).as_deref(), Some("\"listen-1\""));
+    }
 
     #[test]
     fn a_tool_call() {

@@ -102,6 +102,47 @@ impl Correlator {
     }
 }
 
+impl Correlator {
+    /// Remembers that a retry echoing `state` continues the logical call `logical`, as round
+    /// `round`. `requestState` is minted by the server and opaque, so it links across
+    /// connections and sessions alike.
+    pub fn open_retry(&self, state: &str, logical: &str, round: u32) {
+        self.open(
+            "",
+            Direction::ClientToServer,
+            &format!("retry:{state}"),
+            &format!("{round}#{logical}"),
+        );
+    }
+
+    /// The logical call and round a retry echoing `state` continues.
+    pub fn retry(&self, state: &str) -> Option<(String, u32)> {
+        let v = self.close("", Direction::ClientToServer, &format!("retry:{state}"))?;
+        split_round(&v)
+    }
+
+    /// Remembers that the request of `exchange` is round `round` of `logical`.
+    pub fn note_round(&self, exchange: &str, logical: &str, round: u32) {
+        self.open(
+            "",
+            Direction::ClientToServer,
+            &format!("round:{exchange}"),
+            &format!("{round}#{logical}"),
+        );
+    }
+
+    /// The logical call and round of the request of `exchange`, if it was a retry.
+    pub fn round_of(&self, exchange: &str) -> Option<(String, u32)> {
+        let v = self.close("", Direction::ClientToServer, &format!("round:{exchange}"))?;
+        split_round(&v)
+    }
+}
+
+fn split_round(v: &str) -> Option<(String, u32)> {
+    let (round, logical) = v.split_once('#')?;
+    Some((logical.to_owned(), round.parse().ok()?))
+}
+
 /// Progress tokens share the table with request ids; the prefix keeps them apart (a request
 /// id, as JSON text, never starts with it).
 fn progress_key(token: &str) -> String {

@@ -159,6 +159,10 @@ impl Conn {
             result: None,
             error: None,
             batch: false,
+            client_info: None,
+            logical_call: None,
+            round: None,
+            client_closed: false,
             header_mismatch: None,
             malformed: None,
             first_byte_us: None,
@@ -176,6 +180,7 @@ impl Conn {
         batch: bool,
     ) -> McpEvent {
         McpEvent {
+            client_info: mcp::client_info(&m).map(|v| mcp::bounded(v, 4096)),
             message: Some(m.kind),
             jsonrpc_id: m.id,
             method: m.method,
@@ -322,8 +327,9 @@ where
     });
     match hyper::server::conn::http1::Builder::new()
         .preserve_header_case(true)
-        // A client that shuts down its sending side after the request still gets the answer.
-        .half_close(true)
+        // No half-close: a client's EOF ends the connection, and dropping a response stream
+        // is how closing it cancels (2026-07-28) and ends a listen subscription; what the
+        // client sent is recorded anyway (its handler is a task of its own).
         .serve_connection(TokioIo::new(client), service)
         .with_upgrades()
         .await
@@ -462,6 +468,14 @@ async fn handle(
                             }
                             _ => {}
                         }
+                        // A retry of an `input_required` round joins its logical call.
+                        let retry = (m.kind == Kind::Request)
+                            .then(|| mcp::request_state(&m))
+                            .flatten()
+                            .and_then(|state| conn.correlator.retry(&state));
+                        if let Some((logical, round)) = &retry {
+                            conn.correlator.note_round(&exchange, logical, *round);
+                        }
                         let mismatch = if batch {
                             None
                         } else {
@@ -476,6 +490,10 @@ async fn handle(
                             batch,
                         );
                         e.header_mismatch = mismatch;
+                        if let Some((logical, round)) = retry {
+                            e.logical_call = Some(logical);
+                            e.round = Some(round);
+                        }
                         recorded &= conn.record(Event::Mcp(Box::new(e))).await;
                     }
                 }
@@ -584,6 +602,7 @@ async fn handle(
         resp_bytes: 0,
         session,
         writer: None,
+        client_closed: false,
     };
     conn.tracker.spawn(observed.run(rx));
     Response::from_parts(rparts, Tee::new(rbody, tx, conn.hold_end).boxed())
@@ -813,6 +832,17 @@ impl Tee {
     }
 }
 
+impl Drop for Tee {
+    fn drop(&mut self) {
+        // Dropped before its end: the client is gone (and with it, the upstream stream).
+        if !self.ended
+            && let Some(tx) = self.tx.take()
+        {
+            let _ = tx.send(Chunk::ClientGone);
+        }
+    }
+}
+
 impl Body for Tee {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -899,6 +929,8 @@ struct Observed {
     /// Records in the order the messages came, written by a task of their own so that
     /// decoding (and linking answers to requests) never waits for a write to be durable.
     writer: Option<mpsc::UnboundedSender<Out>>,
+    /// The client closed the response before it ended.
+    client_closed: bool,
 }
 
 /// What the tee hands the observer: the response's bytes, then its end, which waits to be
@@ -906,6 +938,8 @@ struct Observed {
 enum Chunk {
     Data(Bytes),
     End(oneshot::Sender<()>),
+    /// The client went away before the body ended (hyper dropped it).
+    ClientGone,
 }
 
 /// What the observer hands its writer task.
@@ -971,10 +1005,16 @@ impl Observed {
             .is_some_and(|c| c.contains("json"));
         if sse {
             let end_slot = &mut end;
+            let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let gone_slot = gone.clone();
             let counted = UnboundedReceiverStream::new(rx).map_while(move |c| match c {
                 Chunk::Data(b) => Some(Ok::<Bytes, std::convert::Infallible>(b)),
                 Chunk::End(release) => {
                     *end_slot = Some(release);
+                    None
+                }
+                Chunk::ClientGone => {
+                    gone_slot.store(true, Ordering::Relaxed);
                     None
                 }
             });
@@ -1008,6 +1048,7 @@ impl Observed {
                     }
                 }
             }
+            self.client_closed |= gone.load(Ordering::Relaxed);
         } else {
             let mut rx = rx;
             let mut captured = BytesMut::new();
@@ -1017,6 +1058,10 @@ impl Observed {
                     Chunk::Data(b) => b,
                     Chunk::End(release) => {
                         end = Some(release);
+                        break;
+                    }
+                    Chunk::ClientGone => {
+                        self.client_closed = true;
                         break;
                     }
                 };
@@ -1078,9 +1123,16 @@ impl Observed {
                 self.token.as_ref(),
             );
             e.message = Some(Kind::Error);
-            e.error = Some(serde_json::json!({
-                "mcptrail": format!("the response (HTTP {status}) ended without an answer to this request")
-            }));
+            e.error = Some(if self.client_closed {
+                e.client_closed = true;
+                serde_json::json!({
+                    "mcptrail": "the client closed the response stream before an answer: the request is cancelled (2026-07-28), or the subscription ended"
+                })
+            } else {
+                serde_json::json!({
+                    "mcptrail": format!("the response (HTTP {status}) ended without an answer to this request")
+                })
+            });
             e.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
             self.emit(Event::Mcp(Box::new(e)));
         }
@@ -1106,6 +1158,25 @@ impl Observed {
                             );
                             here.or(elsewhere)
                                 .unwrap_or_else(|| format!("{}.a{}", self.base, i))
+                        }
+                        // Frames of a `subscriptions/listen` stream belong to the listen request.
+                        (Kind::Notification, _)
+                            if mcp::subscription_id(&m).is_some_and(|id| {
+                                self.pending.contains_key(&id)
+                                    || self
+                                        .conn
+                                        .correlator
+                                        .related(self.scope(), Direction::ClientToServer, &id)
+                                        .is_some()
+                            }) =>
+                        {
+                            let id = mcp::subscription_id(&m).expect("checked above");
+                            self.pending.get(&id).cloned().unwrap_or_else(|| {
+                                self.conn
+                                    .correlator
+                                    .related(self.scope(), Direction::ClientToServer, &id)
+                                    .expect("checked above")
+                            })
                         }
                         // Progress reports on the request that asked for it.
                         (Kind::Notification, _)
@@ -1136,6 +1207,16 @@ impl Observed {
                             exchange
                         }
                     };
+                    // An answer asking for more input: its retry (echoing the state) continues
+                    // this logical call.
+                    if let Some(Some(state)) = mcp::input_required(&m) {
+                        let (logical, round) = self
+                            .conn
+                            .correlator
+                            .round_of(&exchange)
+                            .unwrap_or_else(|| (exchange.clone(), 0));
+                        self.conn.correlator.open_retry(&state, &logical, round + 1);
+                    }
                     let mut e = self.conn.message_event(
                         exchange,
                         Direction::ServerToClient,
