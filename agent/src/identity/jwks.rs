@@ -4,7 +4,8 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
@@ -29,36 +30,80 @@ pub enum JwksError {
     Fetch { url: String, why: String },
     #[error("the JWKS from {source_name} is not a valid JWK set: {why}")]
     Parse { source_name: String, why: String },
-    #[error(
-        "the JWKS URL {0} is not an http:// URL; serve the keys over http on a trusted network, or point jwks_file at a copy kept current"
-    )]
+    #[error("the JWKS URL {0} is neither https:// nor http://")]
     Scheme(String),
+    #[error("cannot use the CA file {path} for the JWKS URL: {why}")]
+    Ca { path: PathBuf, why: String },
 }
 
 #[derive(Debug, Clone)]
 pub enum Source {
     File(PathBuf),
-    Url(hyper::Uri),
+    /// An http or https URL; https with the TLS settings to use.
+    Url {
+        uri: hyper::Uri,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
 }
 
 impl Source {
-    pub fn parse_url(url: &str) -> Result<Source, JwksError> {
+    /// An `https://` URL is checked against `ca_file` (a PEM bundle: the issuer's internal
+    /// CA, say) when given, else against the Mozilla roots (webpki-roots).
+    pub fn parse_url(url: &str, ca_file: Option<&Path>) -> Result<Source, JwksError> {
         let uri: hyper::Uri = url.parse().map_err(|e| JwksError::Fetch {
             url: url.to_owned(),
             why: format!("not a URL: {e}"),
         })?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        if uri.host().is_none() {
             return Err(JwksError::Scheme(url.to_owned()));
         }
-        Ok(Source::Url(uri))
+        let tls = match uri.scheme_str() {
+            Some("http") => None,
+            Some("https") => Some(Arc::new(tls_config(ca_file)?)),
+            _ => return Err(JwksError::Scheme(url.to_owned())),
+        };
+        Ok(Source::Url { uri, tls })
     }
 
     fn name(&self) -> String {
         match self {
             Source::File(p) => p.display().to_string(),
-            Source::Url(u) => u.to_string(),
+            Source::Url { uri, .. } => uri.to_string(),
         }
     }
+}
+
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, JwksError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let ca_err = |why: String| JwksError::Ca {
+                path: path.to_path_buf(),
+                why,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ca_err(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ca_err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_err(
+                    "no certificate in it (a PEM bundle is expected)".into(),
+                ));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// A key usable for verification, and the algorithm its JWK pins, if it pins one.
@@ -122,7 +167,7 @@ impl Jwks {
                 .await
                 .expect("reading a file does not panic")
             }
-            Source::Url(uri) => fetch(uri).await,
+            Source::Url { uri, tls } => fetch(uri, tls.clone()).await,
         }
         .and_then(|bytes| parse(&bytes, &self.source.name()));
         let mut state = self.state.write().await;
@@ -243,22 +288,47 @@ pub fn parse(bytes: &[u8], source_name: &str) -> Result<Parsed, JwksError> {
     Ok((keys, unnamed))
 }
 
-async fn fetch(uri: &hyper::Uri) -> Result<Vec<u8>, JwksError> {
+async fn fetch(
+    uri: &hyper::Uri,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Vec<u8>, JwksError> {
     let err = |why: String| JwksError::Fetch {
         url: uri.to_string(),
         why,
     };
     let host = uri.host().ok_or_else(|| err("no host".into()))?;
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if tls.is_some() { 443 } else { 80 });
+    let bare_host = host.trim_matches(['[', ']']);
     let work = async {
-        let stream = tokio::net::TcpStream::connect((host, port))
+        let stream = tokio::net::TcpStream::connect((bare_host, port))
             .await
             .map_err(|e| err(e.to_string()))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| err(e.to_string()))?;
-        tokio::spawn(conn);
+        let mut sender = match tls {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(bare_host.to_owned())
+                    .map_err(|e| err(format!("not a TLS server name: {e}")))?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| err(format!("TLS: {e}")))?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                tokio::spawn(conn);
+                sender
+            }
+            None => {
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                tokio::spawn(conn);
+                sender
+            }
+        };
         let authority = uri.authority().map_or(host, |a| a.as_str());
         let req = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header(hyper::header::HOST, authority)
@@ -302,12 +372,71 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls() {
-        assert!(Source::parse_url("http://issuer.internal/jwks.json").is_ok());
+    fn http_and_https_urls_only() {
+        assert!(Source::parse_url("http://issuer.internal/jwks.json", None).is_ok());
+        assert!(Source::parse_url("https://issuer.internal/jwks.json", None).is_ok());
         assert!(matches!(
-            Source::parse_url("ftp://x/y"),
+            Source::parse_url("ftp://x/y", None),
             Err(JwksError::Scheme(_))
         ));
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        assert!(matches!(
+            Source::parse_url("https://x/y", Some(empty.path())),
+            Err(JwksError::Ca { .. })
+        ));
+    }
+
+    /// An https issuer with its own CA: trusted through `ca_file`, refused without it.
+    #[tokio::test]
+    async fn https_with_an_internal_ca() {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca.path(), ck.cert.pem()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![ck.cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der())),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut buf = vec![0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let body = r#"{"keys":[{"kty":"OKP","crv":"Ed25519","kid":"e1","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo","alg":"EdDSA"}]}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let url = format!("https://localhost:{port}/jwks.json");
+        let trusted = Jwks::new(
+            Source::parse_url(&url, Some(ca.path())).unwrap(),
+            Duration::ZERO,
+        );
+        assert!(matches!(
+            trusted.lookup(Some("e1")).await.0,
+            Lookup::Found(_)
+        ));
+        let untrusted = Jwks::new(Source::parse_url(&url, None).unwrap(), Duration::ZERO);
+        match untrusted.lookup(Some("e1")).await.0 {
+            Lookup::Unavailable(why) => assert!(why.contains("TLS"), "{why}"),
+            _ => panic!("a certificate from an unknown CA was accepted"),
+        }
     }
 
     #[tokio::test]

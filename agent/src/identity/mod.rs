@@ -72,9 +72,13 @@ pub struct IssuerConfig {
     /// A JWK set on disk (re-read on refresh).
     #[serde(default)]
     pub jwks_file: Option<PathBuf>,
-    /// A JWK set served over http.
+    /// A JWK set served over https (or http).
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// PEM bundle of the CAs an https `jwks_url` is checked against; default: the Mozilla
+    /// roots (webpki-roots).
+    #[serde(default)]
+    pub jwks_ca_file: Option<PathBuf>,
     /// A shared secret for HS256/384/512, in a root-only file.
     #[serde(default)]
     pub hs_secret_file: Option<PathBuf>,

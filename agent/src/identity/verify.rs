@@ -88,10 +88,13 @@ impl Verifier {
                     Keys::Jwks(Box::new(jwks))
                 }
                 (None, Some(url), None) => {
-                    let source = Source::parse_url(url).map_err(|source| VerifyError::Jwks {
-                        issuer: issuer.clone(),
-                        source,
-                    })?;
+                    let source =
+                        Source::parse_url(url, ic.jwks_ca_file.as_deref()).map_err(|source| {
+                            VerifyError::Jwks {
+                                issuer: issuer.clone(),
+                                source,
+                            }
+                        })?;
                     let jwks = Jwks::new(source, ic.min_refresh());
                     if let Err(e) = jwks.refresh().await {
                         tracing::warn!(%issuer, error = %e, "the issuer's keys are not available yet; its tokens are recorded as keys_unavailable until they are");
