@@ -178,6 +178,37 @@ fn exercise(case: Case) {
     assert_eq!(add_out.jsonrpc_id, add.jsonrpc_id);
     assert_eq!(add_out.result.as_ref().unwrap()["content"][0]["text"], "42");
 
+    // The default policy masks the card number in what is recorded, both ways; the client
+    // still got its own text back (masking is not on the wire by default).
+    let echo = calls
+        .iter()
+        .find(|c| c.name.as_deref() == Some("echo"))
+        .unwrap();
+    assert_eq!(
+        echo.params.as_ref().unwrap()["arguments"]["text"],
+        "card [MASKED:payment_card]1111"
+    );
+    assert_eq!(echo.masked, ["payment_card"]);
+    let echo_out = outcome_of(&all, echo);
+    assert!(
+        echo_out
+            .result
+            .as_ref()
+            .unwrap()
+            .to_string()
+            .contains("card [MASKED:payment_card]1111"),
+        "{echo_out:#?}"
+    );
+    assert!(
+        !echo_out
+            .result
+            .as_ref()
+            .unwrap()
+            .to_string()
+            .contains("4111 1111")
+    );
+    assert_eq!(out["echo"], serde_json::json!(["card 4111 1111 1111 1111"]));
+
     let read = find("resources/read");
     assert_eq!(read.uri.as_deref(), Some("config://build"));
     assert!(outcome_of(&all, read).result.is_some());

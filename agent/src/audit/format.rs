@@ -94,6 +94,16 @@ pub fn line(r: &StoredRecord) -> String {
                 .map(|x| format!(" error: {x}"))
                 .unwrap_or_default()
         ),
+        Event::PolicyChanged(e) => format!(
+            "trigger={} in_force={} sha256={}{}",
+            e.trigger,
+            e.policy_name(),
+            &e.in_force.sha256[..12.min(e.in_force.sha256.len())],
+            e.error
+                .as_ref()
+                .map(|x| format!(" NOT LOADED: {x}"))
+                .unwrap_or_default()
+        ),
         Event::TargetsChanged(e) => format!(
             "trigger={} added={} removed={} entries={}",
             e.trigger,

@@ -233,6 +233,7 @@ mod tests {
                 result: None,
                 error: None,
                 batch: false,
+                masked: Vec::new(),
                 client_info: None,
                 logical_call: None,
                 round: None,

@@ -33,6 +33,8 @@ pub enum Event {
     AgentStop(AgentStop),
     /// The kernel's target map changed while the agent ran (SIGHUP, or names re-resolved).
     TargetsChanged(TargetsChanged),
+    /// The policy file was loaded again (SIGHUP or a change to the file), or failed to load.
+    PolicyChanged(PolicyChanged),
     /// One MCP (JSON-RPC) message, in either direction. Boxed: it is the largest kind.
     Mcp(Box<McpEvent>),
     /// An HTTP request on a redirected connection that carried no MCP message.
@@ -47,6 +49,7 @@ impl Event {
             Event::AgentStart(_) => "agent_start",
             Event::AgentStop(_) => "agent_stop",
             Event::TargetsChanged(_) => "targets_changed",
+            Event::PolicyChanged(_) => "policy_changed",
             Event::Mcp(_) => "mcp",
             Event::Http(_) => "http",
         }
@@ -60,6 +63,7 @@ impl Event {
             Event::AgentStart(e) => &e.time,
             Event::AgentStop(e) => &e.time,
             Event::TargetsChanged(e) => &e.time,
+            Event::PolicyChanged(e) => &e.time,
             Event::Mcp(e) => &e.time,
             Event::Http(e) => &e.time,
         }
@@ -381,6 +385,25 @@ pub struct TargetsChanged {
     pub removed: usize,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyChanged {
+    pub time: String,
+    /// `SIGHUP` or `file-change`.
+    pub trigger: String,
+    /// The policy in force afterwards (the old one when the new file did not load).
+    pub in_force: PolicyRef,
+    pub loaded: bool,
+    /// Why the file did not load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl PolicyChanged {
+    pub fn policy_name(&self) -> &str {
+        &self.in_force.name
+    }
+}
+
 /// The HTTP exchange an MCP message travelled in.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HttpInfo {
@@ -458,6 +481,9 @@ pub struct McpEvent {
     /// it ends the subscription).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub client_closed: bool,
+    /// Masking rules that rewrote values of this record (what was masked is not kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked: Vec<String>,
     /// Part of a JSON-RPC batch.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub batch: bool,

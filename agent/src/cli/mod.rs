@@ -7,6 +7,7 @@ mod export;
 mod filter;
 mod key;
 mod out;
+mod policy;
 mod run;
 mod show;
 mod stats;
@@ -65,6 +66,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// The checkpoint signing key.
     Key(key::KeyArgs),
+    /// Check a policy file, or try it on a message without traffic.
+    Policy(policy::PolicyArgs),
     /// Print one record in full.
     Show(show::ShowArgs),
     /// How big the trail is, what it holds, how fast it grows.
@@ -88,6 +91,7 @@ pub fn main() -> ExitCode {
         Command::Detach => detach::run(&cli.state_dir),
         Command::Verify(args) => verify::run(&cli.state_dir, args),
         Command::Key(args) => key::run(&cli.state_dir, args),
+        Command::Policy(args) => policy::run(&cli.state_dir, args),
         Command::Show(args) => show::run(&cli.state_dir, args),
         Command::Stats(args) => stats::run(&cli.state_dir, args),
         Command::Export(args) => export::run(&cli.state_dir, args),

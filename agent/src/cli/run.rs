@@ -11,13 +11,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::keys;
-use crate::audit::record::{AgentStart, AgentStop, Event, TargetsChanged, now_rfc3339};
+use crate::audit::record::{
+    AgentStart, AgentStop, Event, PolicyChanged, TargetsChanged, now_rfc3339,
+};
 use crate::audit::store::{CheckpointPolicy, Durability, Retention};
 use crate::audit::{AuditLog, Store};
 use crate::control::{self, Request};
 use crate::identity::{self, fingerprint::Fingerprinter};
 use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
 use crate::policy::Policy;
+use crate::policy::live::Live;
 use crate::process;
 use crate::proxy::{self, OnAuditFailure, Proxy, Stats};
 
@@ -311,6 +314,8 @@ async fn serve(
         env_allow: process::env_allowlist(identity.ci_env.as_deref(), &identity.ci_env_extra),
     }));
     let fingerprint_key = keys::load_or_create_fingerprint_key(state_dir)?;
+    // The host key also keys the masking `hash` action: equal values correlate on this host.
+    let live = Arc::new(Live::new(policy.clone(), fingerprint_key)?);
     let verifier = Arc::new(
         identity::Verifier::new(identity, Fingerprinter::new(fingerprint_key))
             .await
@@ -342,6 +347,7 @@ async fn serve(
             connect_timeout: Duration::from_secs(args.connect_timeout),
             identifier,
             verifier: verifier.clone(),
+            policy: live.clone(),
             mark: args.upstream_mark,
             capture_limit: args.capture_limit,
             hold_end: args.durability == DurabilityArg::Sync,
@@ -379,7 +385,7 @@ async fn serve(
         "mcptrail ready: new connections to the targets are redirected, relayed and recorded"
     );
 
-    let reason = supervise(&args, &interceptor, &audit).await?;
+    let reason = supervise(&args, &interceptor, &audit, &live).await?;
     tracing::info!(
         reason,
         "stopping: detaching the hooks, draining connections"
@@ -416,12 +422,65 @@ async fn serve(
     Ok(())
 }
 
+/// How often the policy file's modification time and size are looked at.
+const POLICY_WATCH: Duration = Duration::from_secs(1);
+
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Loads the policy file again and swaps it in whole; a file that does not load leaves the
+/// old policy in force. Either way the trail says what happened.
+async fn reload_policy(
+    path: &Path,
+    trigger: &str,
+    live: &Live,
+    audit: &AuditLog,
+) -> anyhow::Result<()> {
+    let outcome = Policy::load(path).and_then(|p| {
+        let reference = p.reference();
+        if p.identity != live.current().policy.identity {
+            tracing::warn!(
+                "the policy's [identity] section changed: it takes effect at the next start"
+            );
+        }
+        live.replace(p).map(|()| reference)
+    });
+    let (policy, error) = match outcome {
+        Ok(reference) => {
+            tracing::info!(trigger, policy = %reference.name, sha256 = %reference.sha256, "policy reloaded");
+            (Some(reference), None)
+        }
+        Err(e) => {
+            tracing::error!(trigger, error = %e, "the policy file does not load; the previous policy stays in force");
+            (None, Some(e.to_string()))
+        }
+    };
+    audit
+        .append(Event::PolicyChanged(PolicyChanged {
+            time: now_rfc3339(),
+            trigger: trigger.to_owned(),
+            in_force: live.current().policy.reference(),
+            loaded: policy.is_some(),
+            error,
+        }))
+        .await
+        .context("recording a policy change")?;
+    Ok(())
+}
+
 /// Runs until a stop signal; meanwhile reloads targets on SIGHUP and re-resolves names.
 async fn supervise(
     args: &RunArgs,
     interceptor: &Arc<Interceptor>,
     audit: &AuditLog,
+    live: &Live,
 ) -> anyhow::Result<&'static str> {
+    // The policy file is also watched: a change takes effect without a signal.
+    let mut watch = tokio::time::interval(POLICY_WATCH);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut policy_stamp = args.policy.as_deref().and_then(file_stamp);
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -441,7 +500,22 @@ async fn supervise(
         let trigger = tokio::select! {
             _ = term.recv() => return Ok("SIGTERM"),
             _ = int.recv() => return Ok("SIGINT"),
-            _ = hup.recv() => "SIGHUP",
+            _ = hup.recv() => {
+                if let Some(path) = &args.policy {
+                    policy_stamp = file_stamp(path);
+                    reload_policy(path, "SIGHUP", live, audit).await?;
+                }
+                "SIGHUP"
+            }
+            _ = watch.tick(), if args.policy.is_some() => {
+                let path = args.policy.as_deref().expect("checked");
+                let stamp = file_stamp(path);
+                if stamp != policy_stamp {
+                    policy_stamp = stamp;
+                    reload_policy(path, "file-change", live, audit).await?;
+                }
+                continue;
+            }
             _ = tick.tick(), if args.resolve_interval > 0 => "re-resolve",
             _ = prune.tick(), if retention != Retention::default() => {
                 if let Err(e) = audit.retain(retention).await {

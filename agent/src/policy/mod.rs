@@ -1,6 +1,10 @@
 //! Policy files: TOML, schema version 1. The embedded default is `policies/default.toml`.
 #![forbid(unsafe_code)]
 
+pub mod live;
+pub mod masking;
+pub mod validators;
+
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -42,6 +46,15 @@ struct PolicyFile {
     description: String,
     #[serde(default)]
     identity: IdentityConfig,
+    #[serde(default)]
+    masking: MaskingSection,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaskingSection {
+    #[serde(default)]
+    rules: Vec<masking::RuleConfig>,
 }
 
 /// A loaded policy and where it came from.
@@ -51,6 +64,8 @@ pub struct Policy {
     pub description: String,
     /// How callers are identified: process details, CI context, service tokens.
     pub identity: IdentityConfig,
+    /// Masking rules, in the order they apply.
+    pub masking: Vec<masking::RuleConfig>,
     /// `embedded` or the file's path.
     pub source: String,
     pub sha256: [u8; 32],
@@ -97,6 +112,19 @@ impl Policy {
                 });
             }
         }
+        // The rules compile and their examples hold, or the policy is refused.
+        let masker = masking::Masker::new(&file.masking.rules, [0; 32]).map_err(|e| {
+            PolicyError::Invalid {
+                source_name: source_name.to_owned(),
+                message: at_rule(text, &e),
+            }
+        })?;
+        masker
+            .check_examples(&file.masking.rules)
+            .map_err(|e| PolicyError::Invalid {
+                source_name: source_name.to_owned(),
+                message: at_rule(text, &e),
+            })?;
         if file.version != SCHEMA_VERSION {
             return Err(PolicyError::Version {
                 source_name: source_name.to_owned(),
@@ -107,6 +135,7 @@ impl Policy {
             name: file.name,
             description: file.description,
             identity: file.identity,
+            masking: file.masking.rules,
             source: source_name.to_owned(),
             sha256: Sha256::digest(text.as_bytes()).into(),
         })
@@ -118,6 +147,34 @@ impl Policy {
             source: self.source.clone(),
             sha256: hex::encode(self.sha256),
         }
+    }
+}
+
+/// `line L, column C: message` for a rule's error: where its `name = "…"` is.
+fn at_rule(text: &str, e: &masking::MaskingError) -> String {
+    let rule = match e {
+        masking::MaskingError::Pattern { rule, .. }
+        | masking::MaskingError::Rule { rule, .. }
+        | masking::MaskingError::Example { rule, .. } => rule,
+    };
+    let needle = format!("\"{rule}\"");
+    match text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.trim_start().starts_with("name") && l.contains(&needle))
+    {
+        Some((n, line)) => {
+            let column = line.len() - line.trim_start().len() + 1;
+            format!("line {}, column {column}: {e}", n + 1)
+        }
+        None => e.to_string(),
+    }
+}
+
+impl Policy {
+    /// The compiled masking rules; `hash_key` keys the `hash` action.
+    pub fn masker(&self, hash_key: [u8; 32]) -> Result<masking::Masker, masking::MaskingError> {
+        masking::Masker::new(&self.masking, hash_key)
     }
 }
 
@@ -158,6 +215,32 @@ mod tests {
     fn future_versions_are_refused() {
         let err = Policy::parse("version = 2\nname = \"x\"\n", "p.toml").unwrap_err();
         assert!(matches!(err, PolicyError::Version { found: 2, .. }));
+    }
+
+    #[test]
+    fn the_default_pack_has_25_detectors_each_with_cases() {
+        let p = Policy::embedded_default().unwrap();
+        assert!(p.masking.len() >= 25, "{}", p.masking.len());
+        for rule in &p.masking {
+            assert!(!rule.examples.is_empty(), "{} has no examples", rule.name);
+            assert!(
+                !rule.counterexamples.is_empty(),
+                "{} has no counterexamples",
+                rule.name
+            );
+        }
+        let m = p.masker([1; 32]).unwrap();
+        assert!(m.check_examples(&p.masking).unwrap() >= 75);
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_their_line() {
+        let text = "version = 1\nname = \"x\"\n\n[[masking.rules]]\nname = \"broken\"\npattern = '(unclosed'\n";
+        let msg = Policy::parse(text, "p.toml").unwrap_err().to_string();
+        assert!(msg.contains("line 5") && msg.contains("broken"), "{msg}");
+        let text = "version = 1\nname = \"x\"\n[[masking.rules]]\nname = \"digits\"\npattern = '\\d+'\ncounterexamples = [\"42\"]\n";
+        let msg = Policy::parse(text, "p.toml").unwrap_err().to_string();
+        assert!(msg.contains("\"42\" should be left alone"), "{msg}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ use crate::audit::record::{
     Token, now_rfc3339,
 };
 use crate::mcp::{self, Kind, Message};
+use crate::policy::live::Live;
+use crate::policy::masking::Scope;
 
 /// What every HTTP connection of the proxy shares.
 #[derive(Clone)]
@@ -49,6 +51,7 @@ pub struct ConnParts {
     pub correlator: Arc<Correlator>,
     pub hold_end: bool,
     pub verifier: Arc<crate::identity::Verifier>,
+    pub policy: Arc<Live>,
 }
 
 /// What every request on one connection shares.
@@ -70,6 +73,7 @@ pub struct Conn {
     on_failure: OnAuditFailure,
     stats: Arc<super::Stats>,
     verifier: Arc<crate::identity::Verifier>,
+    policy: Arc<Live>,
 }
 
 impl Conn {
@@ -92,6 +96,7 @@ impl Conn {
             on_failure: parts.on_failure,
             stats: parts.stats,
             verifier: parts.verifier,
+            policy: parts.policy,
         }
     }
 
@@ -159,6 +164,7 @@ impl Conn {
             result: None,
             error: None,
             batch: false,
+            masked: Vec::new(),
             client_info: None,
             logical_call: None,
             round: None,
@@ -179,6 +185,18 @@ impl Conn {
         m: Message,
         batch: bool,
     ) -> McpEvent {
+        // Masked before it is bounded: what is recorded never holds what a rule matched.
+        let active = self.policy.current();
+        let mut masked = std::collections::BTreeSet::new();
+        let mut mask = |v: Option<Value>, scope: Scope| {
+            v.map(|mut v| {
+                masked.extend(active.masker.mask_value(&mut v, scope).rules);
+                mcp::bounded(v, self.capture_limit)
+            })
+        };
+        let params = mask(m.params.clone(), Scope::Params);
+        let result = mask(m.result.clone(), Scope::Result);
+        let error = mask(m.error.clone(), Scope::Error);
         McpEvent {
             client_info: mcp::client_info(&m).map(|v| mcp::bounded(v, 4096)),
             message: Some(m.kind),
@@ -186,9 +204,10 @@ impl Conn {
             method: m.method,
             name: m.name,
             uri: m.uri,
-            params: m.params.map(|v| mcp::bounded(v, self.capture_limit)),
-            result: m.result.map(|v| mcp::bounded(v, self.capture_limit)),
-            error: m.error.map(|v| mcp::bounded(v, self.capture_limit)),
+            params,
+            result,
+            error,
+            masked: masked.into_iter().collect(),
             batch,
             ..self.mcp_event(exchange, direction, http, token)
         }

@@ -59,6 +59,8 @@ pub struct Settings {
     pub identifier: Arc<crate::process::Identifier>,
     /// Verifies the service tokens requests carry.
     pub verifier: Arc<crate::identity::Verifier>,
+    /// The policy in force (masking), swapped on reload.
+    pub policy: Arc<crate::policy::live::Live>,
     /// SO_MARK for upstream sockets (0: none).
     pub mark: u32,
     /// Bytes of each HTTP body kept for the record (forwarding is never bounded by it).
@@ -346,6 +348,7 @@ impl Shared {
                                 correlator: self.correlator.clone(),
                                 hold_end: self.settings.hold_end,
                                 verifier: self.settings.verifier.clone(),
+                                policy: self.settings.policy.clone(),
                             },
                             shared_process.clone(),
                             conn_info,

@@ -1,0 +1,601 @@
+//! Masking: finds sensitive values in JSON-RPC messages and rewrites only JSON string values,
+//! so every message stays valid JSON. Fast on clean payloads: one Aho-Corasick pass over the
+//! rules' literal keywords and one `RegexSet` pass over the rules that have none pick the
+//! candidate rules; only candidates run their own regex (and validator).
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeSet, HashMap};
+
+use aho_corasick::AhoCorasick;
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use hmac::{Hmac, Mac};
+use regex::{Regex, RegexSet};
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::Sha256;
+
+use super::validators::Validator;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaskingError {
+    #[error("masking rule {rule:?}: the pattern does not compile: {why}")]
+    Pattern { rule: String, why: String },
+    #[error("masking rule {rule:?}: {why}")]
+    Rule { rule: String, why: String },
+    #[error("masking rule {rule:?}: {case:?} should {expected} but does not")]
+    Example {
+        rule: String,
+        case: String,
+        expected: &'static str,
+    },
+}
+
+/// Where in a message a rule looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Request and notification `params` (either direction).
+    Params,
+    /// Response `result`s.
+    Result,
+    /// Error objects.
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// `[MASKED:rule]`.
+    #[default]
+    Redact,
+    /// `[HASH:rule:16 hex]`, a keyed HMAC: equal values correlate, the value does not show.
+    Hash,
+    /// `[MASKED:rule]` followed by the last four characters.
+    Partial,
+}
+
+/// One rule as a policy file states it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// A regex over string values. A group named `secret` limits masking to that part.
+    #[serde(default)]
+    pub pattern: Option<String>,
+    /// Literal prefilter (case-insensitive): the pattern runs only on strings holding one.
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    #[serde(default)]
+    pub validator: Option<Validator>,
+    #[serde(default = "default_entropy")]
+    pub entropy_min: f64,
+    /// Object keys (case-insensitive) whose string values are masked whatever they hold.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Field paths (`arguments.password`, `content.*.text`; `**` for any depth) the rule is
+    /// limited to; without a pattern, the whole value at those paths is masked.
+    #[serde(default)]
+    pub fields: Vec<String>,
+    #[serde(default = "default_scope")]
+    pub scope: Vec<Scope>,
+    #[serde(default)]
+    pub action: Action,
+    /// Also rewrite what is forwarded, not only what is recorded.
+    #[serde(default)]
+    pub wire: bool,
+    /// Texts the rule must mask, and texts it must leave alone; checked by `policy check`.
+    #[serde(default)]
+    pub examples: Vec<String>,
+    #[serde(default)]
+    pub counterexamples: Vec<String>,
+}
+
+fn default_entropy() -> f64 {
+    3.5
+}
+
+fn default_scope() -> Vec<Scope> {
+    vec![Scope::Params, Scope::Result, Scope::Error]
+}
+
+struct Rule {
+    name: String,
+    regex: Option<Regex>,
+    has_secret_group: bool,
+    validator: Option<Validator>,
+    entropy_min: f64,
+    fields: Option<GlobSet>,
+    scope: Vec<Scope>,
+    action: Action,
+    wire: bool,
+}
+
+/// The compiled rules.
+pub struct Masker {
+    rules: Vec<Rule>,
+    keywords: Option<AhoCorasick>,
+    /// Keyword index to rule index.
+    keyword_rule: Vec<usize>,
+    set: RegexSet,
+    /// Set index to rule index.
+    set_rule: Vec<usize>,
+    /// Rules that run whatever the prefilters say (a pattern limited to fields).
+    always: Vec<usize>,
+    keys: HashMap<String, usize>,
+    hash_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Masker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Masker")
+            .field(
+                "rules",
+                &self.rules.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// What masking did to a message: the rules that fired, in rule order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Masked {
+    pub rules: BTreeSet<String>,
+    /// A rule with `wire = true` fired: the forwarded message changes too.
+    pub wire: bool,
+}
+
+impl Masker {
+    pub fn new(configs: &[RuleConfig], hash_key: [u8; 32]) -> Result<Self, MaskingError> {
+        let mut rules = Vec::new();
+        let mut keyword_list = Vec::new();
+        let mut keyword_rule = Vec::new();
+        let mut set_patterns = Vec::new();
+        let mut set_rule = Vec::new();
+        let mut always = Vec::new();
+        let mut keys = HashMap::new();
+        for (i, c) in configs.iter().enumerate() {
+            let err = |why: String| MaskingError::Rule {
+                rule: c.name.clone(),
+                why,
+            };
+            if c.pattern.is_none() && c.keys.is_empty() && c.fields.is_empty() {
+                return Err(err("give a pattern, keys or fields".into()));
+            }
+            if c.scope.is_empty() {
+                return Err(err("the scope is empty".into()));
+            }
+            let regex = c
+                .pattern
+                .as_deref()
+                .map(|p| {
+                    Regex::new(p).map_err(|e| MaskingError::Pattern {
+                        rule: c.name.clone(),
+                        why: e.to_string(),
+                    })
+                })
+                .transpose()?;
+            let fields = if c.fields.is_empty() {
+                None
+            } else {
+                let mut b = GlobSetBuilder::new();
+                for f in &c.fields {
+                    let glob = GlobBuilder::new(&f.replace('.', "/"))
+                        .literal_separator(true)
+                        .build()
+                        .map_err(|e| err(format!("field {f:?}: {e}")))?;
+                    b.add(glob);
+                }
+                Some(b.build().map_err(|e| err(e.to_string()))?)
+            };
+            if fields.is_some() {
+                always.push(i);
+            } else if let Some(p) = &c.pattern {
+                if c.keywords.is_empty() {
+                    set_patterns.push(p.clone());
+                    set_rule.push(i);
+                } else {
+                    for k in &c.keywords {
+                        keyword_list.push(k.clone());
+                        keyword_rule.push(i);
+                    }
+                }
+            }
+            for k in &c.keys {
+                keys.insert(k.to_ascii_lowercase(), i);
+            }
+            rules.push(Rule {
+                name: c.name.clone(),
+                has_secret_group: regex
+                    .as_ref()
+                    .is_some_and(|r| r.capture_names().flatten().any(|n| n == "secret")),
+                regex,
+                validator: c.validator,
+                entropy_min: c.entropy_min,
+                fields,
+                scope: c.scope.clone(),
+                action: c.action,
+                wire: c.wire,
+            });
+        }
+        let keywords = (!keyword_list.is_empty())
+            .then(|| {
+                AhoCorasick::builder()
+                    .ascii_case_insensitive(true)
+                    .build(&keyword_list)
+                    .map_err(|e| MaskingError::Rule {
+                        rule: "(keywords)".into(),
+                        why: e.to_string(),
+                    })
+            })
+            .transpose()?;
+        let set = RegexSet::new(&set_patterns).map_err(|e| MaskingError::Pattern {
+            rule: "(set)".into(),
+            why: e.to_string(),
+        })?;
+        Ok(Masker {
+            rules,
+            keywords,
+            keyword_rule,
+            set,
+            set_rule,
+            always,
+            keys,
+            hash_key,
+        })
+    }
+
+    /// Checks every rule's examples and counterexamples.
+    pub fn check_examples(&self, configs: &[RuleConfig]) -> Result<usize, MaskingError> {
+        let mut n = 0;
+        for (i, c) in configs.iter().enumerate() {
+            for (cases, want, expected) in [
+                (&c.examples, true, "be masked"),
+                (&c.counterexamples, false, "be left alone"),
+            ] {
+                for case in cases {
+                    let masked = self.mask_with(i, case).is_some();
+                    if masked != want {
+                        return Err(MaskingError::Example {
+                            rule: c.name.clone(),
+                            case: case.clone(),
+                            expected,
+                        });
+                    }
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Masks the string values of `value` in place for `scope`.
+    pub fn mask_value(&self, value: &mut Value, scope: Scope) -> Masked {
+        let mut out = Masked::default();
+        let mut path = Vec::new();
+        self.walk(value, scope, &mut path, None, &mut out);
+        out
+    }
+
+    fn walk(
+        &self,
+        value: &mut Value,
+        scope: Scope,
+        path: &mut Vec<String>,
+        key_rule: Option<usize>,
+        out: &mut Masked,
+    ) {
+        match value {
+            Value::String(s) => {
+                if let Some(i) = key_rule {
+                    let rule = &self.rules[i];
+                    if rule.scope.contains(&scope) && !s.is_empty() {
+                        *s = self.replacement(rule, s);
+                        out.rules.insert(rule.name.clone());
+                        out.wire |= rule.wire;
+                        return;
+                    }
+                }
+                if let Some((masked, fired)) = self.mask_str(s, scope, path) {
+                    *s = masked;
+                    for i in fired {
+                        out.rules.insert(self.rules[i].name.clone());
+                        out.wire |= self.rules[i].wire;
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (n, item) in items.iter_mut().enumerate() {
+                    path.push(n.to_string());
+                    self.walk(item, scope, path, key_rule, out);
+                    path.pop();
+                }
+            }
+            Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    let rule = self.keys.get(&k.to_ascii_lowercase()).copied();
+                    path.push(k.clone());
+                    self.walk(v, scope, path, rule.or(key_rule), out);
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The masked text and the rules that fired, or `None` when nothing matched.
+    fn mask_str(&self, s: &str, scope: Scope, path: &[String]) -> Option<(String, Vec<usize>)> {
+        let mut candidates: Vec<usize> = Vec::new();
+        if let Some(ac) = &self.keywords {
+            for m in ac.find_overlapping_iter(s) {
+                candidates.push(self.keyword_rule[m.pattern().as_usize()]);
+            }
+        }
+        if !self.set_rule.is_empty() {
+            candidates.extend(self.set.matches(s).iter().map(|i| self.set_rule[i]));
+        }
+        candidates.extend(self.always.iter().copied());
+        if candidates.is_empty() {
+            return None;
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        let joined = path.join("/");
+        let mut text = std::borrow::Cow::Borrowed(s);
+        let mut fired = Vec::new();
+        for i in candidates {
+            let rule = &self.rules[i];
+            if !rule.scope.contains(&scope) {
+                continue;
+            }
+            if let Some(fields) = &rule.fields
+                && !fields.is_match(&joined)
+            {
+                continue;
+            }
+            let replaced = match &rule.regex {
+                Some(_) => self.apply(rule, &text),
+                // Fields only: the whole value.
+                None => Some(self.replacement(rule, &text)),
+            };
+            if let Some(r) = replaced {
+                text = std::borrow::Cow::Owned(r);
+                fired.push(i);
+            }
+        }
+        (!fired.is_empty()).then(|| (text.into_owned(), fired))
+    }
+
+    /// Runs one rule's regex over `s`; `None` when no match survives its validator.
+    fn apply(&self, rule: &Rule, s: &str) -> Option<String> {
+        let regex = rule.regex.as_ref()?;
+        let mut out = String::with_capacity(s.len());
+        let mut last = 0;
+        let mut any = false;
+        for caps in regex.captures_iter(s) {
+            let whole = caps.get(0).expect("group 0 always matches");
+            let target = if rule.has_secret_group {
+                match caps.name("secret") {
+                    Some(m) => m,
+                    None => continue,
+                }
+            } else {
+                whole
+            };
+            if let Some(v) = rule.validator
+                && !v.check(target.as_str(), rule.entropy_min)
+            {
+                continue;
+            }
+            out.push_str(&s[last..target.start()]);
+            out.push_str(&self.replacement(rule, target.as_str()));
+            last = target.end();
+            any = true;
+        }
+        if !any {
+            return None;
+        }
+        out.push_str(&s[last..]);
+        Some(out)
+    }
+
+    fn replacement(&self, rule: &Rule, value: &str) -> String {
+        match rule.action {
+            Action::Redact => format!("[MASKED:{}]", rule.name),
+            Action::Hash => {
+                let mut mac =
+                    Hmac::<Sha256>::new_from_slice(&self.hash_key).expect("HMAC takes any key");
+                mac.update(rule.name.as_bytes());
+                mac.update(&[0]);
+                mac.update(value.as_bytes());
+                let digest = hex::encode(mac.finalize().into_bytes());
+                format!("[HASH:{}:{}]", rule.name, &digest[..16])
+            }
+            Action::Partial => {
+                let tail: String = value
+                    .chars()
+                    .rev()
+                    .filter(|c| c.is_alphanumeric())
+                    .take(4)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                format!("[MASKED:{}]{tail}", rule.name)
+            }
+        }
+    }
+
+    /// One rule alone over a text (for its examples).
+    fn mask_with(&self, i: usize, s: &str) -> Option<String> {
+        let rule = &self.rules[i];
+        match &rule.regex {
+            Some(_) => self.apply(rule, s),
+            None => None,
+        }
+        .or_else(|| {
+            // Key-only rules: the example is a key name.
+            self.keys
+                .get(&s.to_ascii_lowercase())
+                .filter(|&&k| k == i)
+                .map(|_| String::new())
+        })
+    }
+
+    /// The naive way, for the benchmark: every rule's regex over every string, no prefilter.
+    pub fn mask_value_naive(&self, value: &mut Value, scope: Scope) -> usize {
+        let mut fired = 0;
+        match value {
+            Value::String(s) => {
+                for rule in &self.rules {
+                    if rule.regex.is_some()
+                        && rule.scope.contains(&scope)
+                        && let Some(r) = self.apply(rule, s)
+                    {
+                        *s = r;
+                        fired += 1;
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    fired += self.mask_value_naive(item, scope);
+                }
+            }
+            Value::Object(map) => {
+                for v in map.values_mut() {
+                    fired += self.mask_value_naive(v, scope);
+                }
+            }
+            _ => {}
+        }
+        fired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rules(toml_text: &str) -> Vec<RuleConfig> {
+        #[derive(Deserialize)]
+        struct F {
+            rules: Vec<RuleConfig>,
+        }
+        toml::from_str::<F>(toml_text).unwrap().rules
+    }
+
+    fn default_masker() -> Masker {
+        let p = crate::policy::Policy::embedded_default().unwrap();
+        p.masker([9; 32]).unwrap()
+    }
+
+    #[test]
+    fn only_string_values_change_and_json_stays_valid() {
+        let m = default_masker();
+        let mut v = json!({
+            "name": "pay",
+            "arguments": {"card": "4111 1111 1111 1111", "amount": 4111111111111111u64,
+                          "notes": ["mail bob@example.com", "nothing here"], "password": "hunter2"}
+        });
+        let masked = m.mask_value(&mut v, Scope::Params);
+        assert_eq!(v["arguments"]["card"], "[MASKED:payment_card]1111");
+        assert_eq!(
+            v["arguments"]["amount"], 4111111111111111u64,
+            "numbers stay"
+        );
+        assert!(
+            v["arguments"]["notes"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("mail [HASH:email:")
+        );
+        assert_eq!(v["arguments"]["notes"][1], "nothing here");
+        assert_eq!(v["arguments"]["password"], "[MASKED:sensitive_keys]");
+        assert_eq!(
+            masked.rules.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["email", "payment_card", "sensitive_keys"]
+        );
+        assert!(!masked.wire);
+        serde_json::from_str::<Value>(&v.to_string()).unwrap();
+    }
+
+    #[test]
+    fn hashes_correlate_and_depend_on_the_key() {
+        let m = default_masker();
+        let mut a = json!("a@example.com and a@example.com");
+        m.mask_value(&mut a, Scope::Result);
+        let parts: Vec<&str> = a.as_str().unwrap().split(" and ").collect();
+        assert_eq!(parts[0], parts[1]);
+        let other = crate::policy::Policy::embedded_default()
+            .unwrap()
+            .masker([8; 32])
+            .unwrap();
+        let mut b = json!("a@example.com");
+        other.mask_value(&mut b, Scope::Result);
+        assert_ne!(b.as_str().unwrap(), parts[0]);
+    }
+
+    #[test]
+    fn scopes_fields_and_wire() {
+        let rs = rules(
+            r#"
+            [[rules]]
+            name = "ticket"
+            pattern = 'T-\d{4}'
+            scope = ["result"]
+            wire = true
+            [[rules]]
+            name = "query"
+            fields = ["arguments.query", "items.*.text"]
+            "#,
+        );
+        let m = Masker::new(&rs, [0; 32]).unwrap();
+        let mut p = json!({"q": "T-1234", "arguments": {"query": "select *", "other": "x"}});
+        let masked = m.mask_value(&mut p, Scope::Params);
+        assert_eq!(p["q"], "T-1234", "out of scope");
+        assert_eq!(p["arguments"]["query"], "[MASKED:query]");
+        assert_eq!(p["arguments"]["other"], "x");
+        assert!(!masked.wire);
+        let mut r = json!({"text": "see T-1234", "items": [{"text": "a"}, {"text": "b"}]});
+        let masked = m.mask_value(&mut r, Scope::Result);
+        assert_eq!(r["text"], "see [MASKED:ticket]");
+        assert_eq!(r["items"][1]["text"], "[MASKED:query]");
+        assert!(masked.wire);
+    }
+
+    #[test]
+    fn near_misses_are_left_alone() {
+        let m = default_masker();
+        let mut v = json!({"text": "order 4111 1111 1111 1112, build 20261126101500, 2026-11-26, see the api_key docs"});
+        let before = v.clone();
+        assert!(m.mask_value(&mut v, Scope::Params).rules.is_empty());
+        assert_eq!(v, before);
+    }
+
+    #[test]
+    fn rules_need_something_to_match() {
+        let rs = rules("[[rules]]\nname = \"empty\"\n");
+        assert!(matches!(
+            Masker::new(&rs, [0; 32]),
+            Err(MaskingError::Rule { .. })
+        ));
+    }
+
+    #[test]
+    fn prefilter_and_naive_agree() {
+        let m = default_masker();
+        let text = "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789 and 4111 1111 1111 1111 and AKIAIOSFODNN7EXAMPLE";
+        let mut a = json!(text);
+        let mut b = json!(text);
+        m.mask_value(&mut a, Scope::Params);
+        m.mask_value_naive(&mut b, Scope::Params);
+        assert_eq!(a, b);
+    }
+}
