@@ -375,6 +375,13 @@ fn tokens_verify_through_key_rotation_and_fail_with_their_reason_and_never_leak(
     ));
     haystacks.push(("agent log".into(), agent.log().into_bytes()));
     assert!(agent.log().contains("DEBUG"), "the log was at debug level");
+    // The gateway echoed each caller's Authorization header back: the records name the
+    // token by fingerprint instead.
+    let dump = String::from_utf8(tail(&state, &["--json", "-n", "100000"]).stdout).unwrap();
+    assert!(
+        dump.contains("Bearer [REDACTED:token "),
+        "the echoed token was not scrubbed"
+    );
     for secret in &secrets {
         // The whole token, and its signature on its own.
         let needles = [secret.as_str(), secret.rsplit('.').next().unwrap()];

@@ -91,7 +91,8 @@ fn main() -> anyhow::Result<()> {
         Task::Bench => {
             setup::run()?;
             build()?;
-            run_tests_bin("bench-connect")
+            run_tests_bin("bench-connect")?;
+            run_tests_bin_release("bench-mask")
         }
         Task::Demo => {
             setup::run()?;
@@ -105,6 +106,20 @@ fn main() -> anyhow::Result<()> {
 fn run_tests_bin(name: &str) -> anyhow::Result<()> {
     run_checked(cargo().args(["build", "--package", "mcptrail-tests", "--bin", name]))?;
     run_checked(&mut Command::new(target_dir().join("debug").join(name)))
+}
+
+/// Builds and runs a binary of mcptrail-tests with optimisations (for CPU-bound benchmarks,
+/// where a debug build would measure the wrong thing).
+fn run_tests_bin_release(name: &str) -> anyhow::Result<()> {
+    run_checked(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "mcptrail-tests",
+        "--bin",
+        name,
+    ]))?;
+    run_checked(&mut Command::new(target_dir().join("release").join(name)))
 }
 
 /// The fuzz targets of fuzz/Cargo.toml.

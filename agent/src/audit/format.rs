@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use super::reader::StoredRecord;
-use super::record::{Event, Process, Status, Token};
+use super::record::{DecisionAction, Event, Process, Status, Token};
 
 /// `#SEQ TIME KIND details`, with the time cut to milliseconds for reading.
 pub fn line(r: &StoredRecord) -> String {
@@ -61,6 +61,17 @@ pub fn line(r: &StoredRecord) -> String {
             if e.client_closed {
                 id.push_str(" closed-by-client");
             }
+            if let Some(d) = e
+                .decision
+                .as_ref()
+                .filter(|d| d.action != DecisionAction::Allow)
+            {
+                id.push_str(&format!(
+                    " {}:{}",
+                    d.action.as_str(),
+                    d.rule.as_deref().unwrap_or("default")
+                ));
+            }
             let arrow = match e.direction {
                 crate::audit::record::Direction::ClientToServer => "->",
                 crate::audit::record::Direction::ServerToClient => "<-",
@@ -92,6 +103,30 @@ pub fn line(r: &StoredRecord) -> String {
             e.error
                 .as_ref()
                 .map(|x| format!(" error: {x}"))
+                .unwrap_or_default()
+        ),
+        Event::Approval(e) => format!(
+            "#{} {} rule={} pid={} {} exchange={}{}{}",
+            e.id,
+            e.outcome,
+            e.held.rule,
+            e.held.pid,
+            e.held
+                .name
+                .as_deref()
+                .or(e.held.method.as_deref())
+                .unwrap_or("?"),
+            e.held.exchange,
+            e.approver
+                .as_ref()
+                .map(|a| format!(
+                    " by={}",
+                    a.user.clone().unwrap_or_else(|| format!("uid {}", a.uid))
+                ))
+                .unwrap_or_default(),
+            e.reason
+                .as_ref()
+                .map(|r| format!(" reason={r:?}"))
                 .unwrap_or_default()
         ),
         Event::PolicyChanged(e) => format!(
@@ -146,6 +181,9 @@ pub fn colored_line(r: &StoredRecord) -> String {
             m.malformed.is_some()
                 || m.header_mismatch.is_some()
                 || m.message == Some(crate::mcp::Kind::Error)
+                || m.decision
+                    .as_ref()
+                    .is_some_and(|d| d.action != DecisionAction::Allow)
         }
         Event::Connection(c) => c.outcome.status != Status::Closed,
         Event::Http(h) => h.error.is_some() || h.http.status.is_some_and(|s| s >= 500),

@@ -43,6 +43,8 @@ pub struct Filter {
     pub kind: Option<String>,
     /// The `sub` of the request's service token, exactly.
     pub sub: Option<String>,
+    /// The access decision (`allow`, `deny`, `rate_limited`) on a message the client sent.
+    pub decision: Option<String>,
 }
 
 impl Filter {
@@ -55,6 +57,7 @@ impl Filter {
             && self.tool.is_none()
             && self.kind.is_none()
             && self.sub.is_none()
+            && self.decision.is_none()
     }
 
     pub fn matches(&self, record: &Record) -> bool {
@@ -89,6 +92,14 @@ impl Filter {
             && token(event).and_then(|t| t.sub.as_deref()) != Some(sub.as_str())
         {
             return false;
+        }
+        if let Some(d) = &self.decision {
+            let Event::Mcp(m) = event else {
+                return false;
+            };
+            if m.decision.as_ref().map(|x| x.action.as_str()) != Some(d.as_str()) {
+                return false;
+            }
         }
         if self.method.is_some() || self.tool.is_some() {
             let Event::Mcp(m) = event else {
@@ -234,6 +245,8 @@ mod tests {
                 error: None,
                 batch: false,
                 masked: Vec::new(),
+                wire_masked: false,
+                decision: None,
                 client_info: None,
                 logical_call: None,
                 round: None,
@@ -265,8 +278,14 @@ mod tests {
             until: Some(parse_time("2026-11-26T11:00:00+01:00").unwrap()),
             kind: Some("mcp".into()),
             sub: Some("svc-a".into()),
+            decision: None,
         };
         assert!(f.matches(&r));
+        let denied = Filter {
+            decision: Some("deny".into()),
+            ..Filter::default()
+        };
+        assert!(!denied.matches(&r), "no decision recorded: not a denial");
         let other_sub = Filter {
             sub: Some("svc-b".into()),
             ..Filter::default()

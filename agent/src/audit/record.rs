@@ -35,6 +35,8 @@ pub enum Event {
     TargetsChanged(TargetsChanged),
     /// The policy file was loaded again (SIGHUP or a change to the file), or failed to load.
     PolicyChanged(PolicyChanged),
+    /// A call held for approval: requested, then approved, denied or timed out.
+    Approval(ApprovalEvent),
     /// One MCP (JSON-RPC) message, in either direction. Boxed: it is the largest kind.
     Mcp(Box<McpEvent>),
     /// An HTTP request on a redirected connection that carried no MCP message.
@@ -50,6 +52,7 @@ impl Event {
             Event::AgentStop(_) => "agent_stop",
             Event::TargetsChanged(_) => "targets_changed",
             Event::PolicyChanged(_) => "policy_changed",
+            Event::Approval(_) => "approval",
             Event::Mcp(_) => "mcp",
             Event::Http(_) => "http",
         }
@@ -64,6 +67,7 @@ impl Event {
             Event::AgentStop(e) => &e.time,
             Event::TargetsChanged(e) => &e.time,
             Event::PolicyChanged(e) => &e.time,
+            Event::Approval(e) => &e.time,
             Event::Mcp(e) => &e.time,
             Event::Http(e) => &e.time,
         }
@@ -215,6 +219,41 @@ pub struct Token {
     /// The configured extra claims (for example `groups`, `scope`), as the token has them.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub claims: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// An access decision and the rule that made it (none: the policy's default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub action: DecisionAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// What the client was told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// For a held call: how long it may wait for an approver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionAction {
+    Allow,
+    Deny,
+    RateLimited,
+    /// Held for an operator's approval (the `approval` records say how it ended).
+    Held,
+}
+
+impl DecisionAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionAction::Allow => "allow",
+            DecisionAction::Deny => "deny",
+            DecisionAction::RateLimited => "rate_limited",
+            DecisionAction::Held => "held",
+        }
+    }
 }
 
 /// Why a token did not verify.
@@ -398,6 +437,24 @@ pub struct PolicyChanged {
     pub error: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalEvent {
+    pub time: String,
+    /// The approval's id (`mcptrail approve ID`).
+    pub id: u64,
+    /// `requested`, `approved`, `denied` or `timed_out`.
+    pub outcome: String,
+    /// The held call: its exchange and what `mcptrail approvals` showed.
+    pub held: crate::policy::approvals::Held,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approver: Option<crate::policy::approvals::Approver>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long the call waited, for the decided ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
+}
+
 impl PolicyChanged {
     pub fn policy_name(&self) -> &str {
         &self.in_force.name
@@ -424,6 +481,9 @@ pub struct HttpInfo {
     /// `Mcp-Name` (2026-07-28): the tool or prompt name or resource URI, mirrored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp_name: Option<String>,
+    /// Headers the agent set from its secrets (credential brokering); never their values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub brokered: Vec<String>,
     /// Response `Content-Type` (for example `text/event-stream`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
@@ -481,6 +541,12 @@ pub struct McpEvent {
     /// it ends the subscription).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub client_closed: bool,
+    /// What the access rules decided about a message the client sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    /// A `wire = true` masking rule rewrote the body this message was forwarded in.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wire_masked: bool,
     /// Masking rules that rewrote values of this record (what was masked is not kept).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub masked: Vec<String>,

@@ -303,17 +303,36 @@ impl Store {
             return Ok(0);
         }
         let records = self.db().cf_handle(CF_RECORDS).expect("records CF opened");
-        let mut times = Vec::new();
-        for item in self.db().iterator_cf(&records, IteratorMode::Start) {
-            let (key, value) = item.map_err(AuditError::Read)?;
-            let (Some(seq), Ok(rec)) = (key_seq(&key), serde_json::from_slice::<Record>(&value))
-            else {
-                continue;
-            };
+        let time_of = |key: &[u8], value: &[u8]| {
+            let seq = key_seq(key)?;
+            let rec = serde_json::from_slice::<Record>(value).ok()?;
             let t = chrono::DateTime::parse_from_rfc3339(rec.event.time())
                 .map(|t| t.timestamp())
                 .unwrap_or(0);
+            Some((seq, t))
+        };
+        // Only the part that may go is read, oldest first, up to the first record young
+        // enough to keep (the cutoff); then the newest record, for the span. Retention runs
+        // every minute, so its cost follows what it removes, not the size of the trail.
+        let oldest_kept = retention.max_age.map(|age| now - age.as_secs() as i64);
+        let mut times = Vec::new();
+        for item in self.db().iterator_cf(&records, IteratorMode::Start) {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            let Some((seq, t)) = time_of(&key, &value) else {
+                continue;
+            };
             times.push((seq, t));
+            if oldest_kept.is_none_or(|o| t >= o) {
+                break;
+            }
+        }
+        if let Some(item) = self.db().iterator_cf(&records, IteratorMode::End).next() {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            if let Some(newest) = time_of(&key, &value)
+                && times.last().is_some_and(|l| l.0 < newest.0)
+            {
+                times.push(newest);
+            }
         }
         let size = dir_size(&self.path);
         let Some(cutoff) = retention_cutoff(&times, now, size, retention) else {
@@ -322,7 +341,7 @@ impl Store {
         tracing::info!(
             cutoff,
             size,
-            records = times.len(),
+            records = times.last().map_or(0, |l| l.0) - times.first().map_or(0, |f| f.0) + 1,
             "retention: records before the cutoff may go"
         );
         // The cut goes at a signed checkpoint: the anchor then vouches for a hash that was

@@ -30,6 +30,10 @@ pub struct FilterArgs {
     /// whether the token verified).
     #[arg(long, value_name = "SUB")]
     pub sub: Option<String>,
+    /// Only messages with this access decision: `allow`, `deny` or `rate_limited` (refused
+    /// calls also have an outcome record with the decision).
+    #[arg(long, value_name = "D", value_parser = ["allow", "deny", "rate_limited"])]
+    pub decision: Option<String>,
 }
 
 impl FilterArgs {
@@ -43,6 +47,7 @@ impl FilterArgs {
             tool: self.tool.as_deref().map(query::parse_glob).transpose()?,
             kind: self.kind.clone(),
             sub: self.sub.clone(),
+            decision: self.decision.clone(),
         })
     }
 }

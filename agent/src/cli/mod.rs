@@ -2,6 +2,7 @@
 //! `anyhow` is used here and nowhere else.
 #![forbid(unsafe_code)]
 
+mod approvals;
 mod detach;
 mod export;
 mod filter;
@@ -68,6 +69,12 @@ pub enum Command {
     Key(key::KeyArgs),
     /// Check a policy file, or try it on a message without traffic.
     Policy(policy::PolicyArgs),
+    /// List the calls held for approval: who asks for what, since when.
+    Approvals(approvals::ListArgs),
+    /// Let a held call through (root; recorded with who approved and why).
+    Approve(approvals::DecideArgs),
+    /// Refuse a held call: its client gets a JSON-RPC error with the reason.
+    Deny(approvals::DecideArgs),
     /// Print one record in full.
     Show(show::ShowArgs),
     /// How big the trail is, what it holds, how fast it grows.
@@ -92,6 +99,9 @@ pub fn main() -> ExitCode {
         Command::Verify(args) => verify::run(&cli.state_dir, args),
         Command::Key(args) => key::run(&cli.state_dir, args),
         Command::Policy(args) => policy::run(&cli.state_dir, args),
+        Command::Approvals(args) => approvals::list(&cli.state_dir, args),
+        Command::Approve(args) => approvals::decide(&cli.state_dir, args, true),
+        Command::Deny(args) => approvals::decide(&cli.state_dir, args, false),
         Command::Show(args) => show::run(&cli.state_dir, args),
         Command::Stats(args) => stats::run(&cli.state_dir, args),
         Command::Export(args) => export::run(&cli.state_dir, args),

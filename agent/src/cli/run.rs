@@ -20,6 +20,7 @@ use crate::control::{self, Request};
 use crate::identity::{self, fingerprint::Fingerprinter};
 use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
 use crate::policy::Policy;
+use crate::policy::approvals::{Approvals, Approver, Verdict};
 use crate::policy::live::Live;
 use crate::process;
 use crate::proxy::{self, OnAuditFailure, Proxy, Stats};
@@ -316,6 +317,7 @@ async fn serve(
     let fingerprint_key = keys::load_or_create_fingerprint_key(state_dir)?;
     // The host key also keys the masking `hash` action: equal values correlate on this host.
     let live = Arc::new(Live::new(policy.clone(), fingerprint_key)?);
+    let approvals = Arc::new(Approvals::default());
     let verifier = Arc::new(
         identity::Verifier::new(identity, Fingerprinter::new(fingerprint_key))
             .await
@@ -348,6 +350,7 @@ async fn serve(
             identifier,
             verifier: verifier.clone(),
             policy: live.clone(),
+            approvals: approvals.clone(),
             mark: args.upstream_mark,
             capture_limit: args.capture_limit,
             hold_end: args.durability == DurabilityArg::Sync,
@@ -370,8 +373,11 @@ async fn serve(
     };
     control::serve(
         state_dir,
-        move |req| match req {
-            Request::Status => status.report(),
+        move |req, peer| match req {
+            Request::Status => Ok(status.report()),
+            Request::Approvals => Ok(serde_json::to_value(approvals.list()).expect("JSON")),
+            Request::Approve { id, reason } => decide(&approvals, id, true, reason, peer),
+            Request::Deny { id, reason } => decide(&approvals, id, false, reason, peer),
         },
         stop_accepting.clone(),
     )?;
@@ -420,6 +426,42 @@ async fn serve(
         .await
         .context("signing the final checkpoint")?;
     Ok(())
+}
+
+/// An operator's decision on a held call, from the control socket. Only root may decide
+/// (the socket is root's alone; this says so if that ever changes).
+fn decide(
+    approvals: &Approvals,
+    id: u64,
+    approved: bool,
+    reason: Option<String>,
+    peer: control::Peer,
+) -> Result<serde_json::Value, String> {
+    if peer.uid != 0 {
+        return Err(format!(
+            "only root may decide approvals (you are uid {})",
+            peer.uid
+        ));
+    }
+    let approver = Approver {
+        uid: peer.uid,
+        user: nix::unistd::User::from_uid(peer.uid.into())
+            .ok()
+            .flatten()
+            .map(|u| u.name),
+        pid: peer.pid,
+    };
+    let held = approvals
+        .decide(
+            id,
+            Verdict {
+                approved,
+                approver,
+                reason,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(serde_json::to_value(held).expect("JSON"))
 }
 
 /// How often the policy file's modification time and size are looked at.

@@ -33,12 +33,33 @@ pub enum ControlError {
     Io(#[from] std::io::Error),
     #[error("the agent's answer was not understood: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Refused(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// The calls held for approval.
+    Approvals,
+    Approve {
+        id: u64,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    Deny {
+        id: u64,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+}
+
+/// Who is on the other end of the socket, as the kernel says (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: Option<i32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -57,7 +78,7 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 /// Binds the control socket (replacing a stale one) and serves it until `stop` fires.
 pub fn serve<H>(state_dir: &Path, handler: H, stop: CancellationToken) -> Result<(), ControlError>
 where
-    H: Fn(Request) -> serde_json::Value + Send + Sync + 'static,
+    H: Fn(Request, Peer) -> Result<serde_json::Value, String> + Send + Sync + 'static,
 {
     let path = socket_path(state_dir);
     let bind_err = |source| ControlError::Bind {
@@ -87,6 +108,14 @@ where
             };
             let handler = handler.clone();
             tokio::spawn(async move {
+                // Read before anything else: the credentials of the process that connected.
+                let Ok(cred) = stream.peer_cred() else {
+                    return;
+                };
+                let peer = Peer {
+                    uid: cred.uid(),
+                    pid: cred.pid(),
+                };
                 let (read, mut write) = stream.into_split();
                 // Bounded: a peer that sends no newline cannot make us buffer without end.
                 let mut lines = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(
@@ -96,10 +125,17 @@ where
                 .lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let reply = match serde_json::from_str::<Request>(&line) {
-                        Ok(req) => Reply {
-                            ok: true,
-                            result: Some(handler(req)),
-                            error: None,
+                        Ok(req) => match handler(req, peer) {
+                            Ok(result) => Reply {
+                                ok: true,
+                                result: Some(result),
+                                error: None,
+                            },
+                            Err(error) => Reply {
+                                ok: false,
+                                result: None,
+                                error: Some(error),
+                            },
                         },
                         Err(e) => Reply {
                             ok: false,
@@ -143,7 +179,7 @@ pub fn request(state_dir: &Path, req: &Request) -> Result<serde_json::Value, Con
         serde_json::from_str(&answer).map_err(|e| ControlError::Protocol(e.to_string()))?;
     match (reply.ok, reply.result, reply.error) {
         (true, Some(result), _) => Ok(result),
-        (_, _, Some(error)) => Err(ControlError::Protocol(error)),
+        (_, _, Some(error)) => Err(ControlError::Refused(error)),
         _ => Err(ControlError::Protocol("empty reply".into())),
     }
 }
@@ -156,7 +192,15 @@ mod tests {
     async fn answers_requests_and_refuses_garbage() {
         let dir = tempfile::tempdir().unwrap();
         let stop = CancellationToken::new();
-        serve(dir.path(), |_| serde_json::json!({"pid": 42}), stop.clone()).unwrap();
+        serve(
+            dir.path(),
+            |req, peer| match req {
+                Request::Status => Ok(serde_json::json!({"pid": 42, "peer_uid": peer.uid})),
+                _ => Err("not here".into()),
+            },
+            stop.clone(),
+        )
+        .unwrap();
         let mode = std::fs::metadata(socket_path(dir.path()))
             .unwrap()
             .permissions()
@@ -168,6 +212,13 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(got["pid"], 42);
+        assert_eq!(got["peer_uid"], nix::unistd::getuid().as_raw());
+        let d = dir.path().to_path_buf();
+        let err = tokio::task::spawn_blocking(move || request(&d, &Request::Approvals))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("not here"), "{err}");
 
         let d = dir.path().to_path_buf();
         let raw = tokio::task::spawn_blocking(move || {

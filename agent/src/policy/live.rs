@@ -4,6 +4,8 @@
 
 use std::sync::{Arc, RwLock};
 
+use super::access::Access;
+use super::brokering::Broker;
 use super::masking::Masker;
 use super::{Policy, PolicyError};
 
@@ -11,6 +13,8 @@ use super::{Policy, PolicyError};
 pub struct Active {
     pub policy: Policy,
     pub masker: Masker,
+    pub access: Access,
+    pub broker: Broker,
 }
 
 pub struct Live {
@@ -45,7 +49,20 @@ fn compile(policy: Policy, hash_key: [u8; 32]) -> Result<Active, PolicyError> {
         source_name: policy.source.clone(),
         message: e.to_string(),
     })?;
-    Ok(Active { policy, masker })
+    let access = Access::new(&policy.access).map_err(|e| PolicyError::Invalid {
+        source_name: policy.source.clone(),
+        message: e.to_string(),
+    })?;
+    let broker = Broker::new(&policy.brokering).map_err(|e| PolicyError::Invalid {
+        source_name: policy.source.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(Active {
+        policy,
+        masker,
+        access,
+        broker,
+    })
 }
 
 #[cfg(test)]

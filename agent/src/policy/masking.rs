@@ -30,6 +30,28 @@ pub enum MaskingError {
     },
 }
 
+/// Replaces every occurrence of `literal` in the string values of `value` with
+/// `replacement`; true when one was found. For values the agent knows are secret (a request's
+/// own token, a brokered credential), whatever the rules say.
+pub fn scrub_literal(value: &mut Value, literal: &str, replacement: &str) -> bool {
+    if literal.len() < 4 {
+        return false;
+    }
+    match value {
+        Value::String(s) if s.contains(literal) => {
+            *s = s.replace(literal, replacement);
+            true
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |hit, v| scrub_literal(v, literal, replacement) | hit),
+        Value::Object(map) => map
+            .values_mut()
+            .fold(false, |hit, v| scrub_literal(v, literal, replacement) | hit),
+        _ => false,
+    }
+}
+
 /// Where in a message a rule looks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -223,6 +245,8 @@ impl Masker {
             .then(|| {
                 AhoCorasick::builder()
                     .ascii_case_insensitive(true)
+                    // A DFA: the fastest search, and the keyword sets are small.
+                    .kind(Some(aho_corasick::AhoCorasickKind::DFA))
                     .build(&keyword_list)
                     .map_err(|e| MaskingError::Rule {
                         rule: "(keywords)".into(),
@@ -278,14 +302,30 @@ impl Masker {
     pub fn mask_value(&self, value: &mut Value, scope: Scope) -> Masked {
         let mut out = Masked::default();
         let mut path = Vec::new();
-        self.walk(value, scope, &mut path, None, &mut out);
+        self.walk(value, scope, false, &mut path, None, &mut out);
         out
+    }
+
+    /// Masks with the `wire = true` rules only: what is forwarded.
+    pub fn mask_value_wire(&self, value: &mut Value, scope: Scope) -> Masked {
+        let mut out = Masked::default();
+        if self.rules.iter().any(|r| r.wire) {
+            let mut path = Vec::new();
+            self.walk(value, scope, true, &mut path, None, &mut out);
+        }
+        out
+    }
+
+    /// True when some rule also rewrites what is forwarded.
+    pub fn has_wire_rules(&self) -> bool {
+        self.rules.iter().any(|r| r.wire)
     }
 
     fn walk(
         &self,
         value: &mut Value,
         scope: Scope,
+        wire_only: bool,
         path: &mut Vec<String>,
         key_rule: Option<usize>,
         out: &mut Masked,
@@ -294,14 +334,14 @@ impl Masker {
             Value::String(s) => {
                 if let Some(i) = key_rule {
                     let rule = &self.rules[i];
-                    if rule.scope.contains(&scope) && !s.is_empty() {
+                    if rule.scope.contains(&scope) && !s.is_empty() && (rule.wire || !wire_only) {
                         *s = self.replacement(rule, s);
                         out.rules.insert(rule.name.clone());
                         out.wire |= rule.wire;
                         return;
                     }
                 }
-                if let Some((masked, fired)) = self.mask_str(s, scope, path) {
+                if let Some((masked, fired)) = self.mask_str(s, scope, wire_only, path) {
                     *s = masked;
                     for i in fired {
                         out.rules.insert(self.rules[i].name.clone());
@@ -310,26 +350,56 @@ impl Masker {
                 }
             }
             Value::Array(items) => {
+                // Paths are only built when a rule looks at them (`fields`): a hot loop.
+                let track = !self.always.is_empty();
                 for (n, item) in items.iter_mut().enumerate() {
-                    path.push(n.to_string());
-                    self.walk(item, scope, path, key_rule, out);
-                    path.pop();
+                    if track {
+                        path.push(n.to_string());
+                    }
+                    self.walk(item, scope, wire_only, path, key_rule, out);
+                    if track {
+                        path.pop();
+                    }
                 }
             }
             Value::Object(map) => {
+                let track = !self.always.is_empty();
                 for (k, v) in map.iter_mut() {
-                    let rule = self.keys.get(&k.to_ascii_lowercase()).copied();
-                    path.push(k.clone());
-                    self.walk(v, scope, path, rule.or(key_rule), out);
-                    path.pop();
+                    let rule = self.key_rule(k);
+                    if track {
+                        path.push(k.clone());
+                    }
+                    self.walk(v, scope, wire_only, path, rule.or(key_rule), out);
+                    if track {
+                        path.pop();
+                    }
                 }
             }
             _ => {}
         }
     }
 
+    /// The key rule for an object key, case-insensitively, without allocating for the
+    /// common case of keys already in lower case.
+    fn key_rule(&self, key: &str) -> Option<usize> {
+        if self.keys.is_empty() {
+            return None;
+        }
+        if key.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.keys.get(&key.to_ascii_lowercase()).copied()
+        } else {
+            self.keys.get(key).copied()
+        }
+    }
+
     /// The masked text and the rules that fired, or `None` when nothing matched.
-    fn mask_str(&self, s: &str, scope: Scope, path: &[String]) -> Option<(String, Vec<usize>)> {
+    fn mask_str(
+        &self,
+        s: &str,
+        scope: Scope,
+        wire_only: bool,
+        path: &[String],
+    ) -> Option<(String, Vec<usize>)> {
         let mut candidates: Vec<usize> = Vec::new();
         if let Some(ac) = &self.keywords {
             for m in ac.find_overlapping_iter(s) {
@@ -350,7 +420,7 @@ impl Masker {
         let mut fired = Vec::new();
         for i in candidates {
             let rule = &self.rules[i];
-            if !rule.scope.contains(&scope) {
+            if !rule.scope.contains(&scope) || (wire_only && !rule.wire) {
                 continue;
             }
             if let Some(fields) = &rule.fields
@@ -557,6 +627,18 @@ mod tests {
             "#,
         );
         let m = Masker::new(&rs, [0; 32]).unwrap();
+        assert!(m.has_wire_rules());
+        let mut both = json!({"text": "T-1234", "arguments": {"query": "q"}});
+        let masked = m.mask_value_wire(&mut both, Scope::Result);
+        assert_eq!(
+            both["text"], "[MASKED:ticket]",
+            "a wire rule rewrites what is forwarded"
+        );
+        assert_eq!(
+            both["arguments"]["query"], "q",
+            "a record-only rule does not"
+        );
+        assert_eq!(masked.rules.len(), 1);
         let mut p = json!({"q": "T-1234", "arguments": {"query": "select *", "other": "x"}});
         let masked = m.mask_value(&mut p, Scope::Params);
         assert_eq!(p["q"], "T-1234", "out of scope");

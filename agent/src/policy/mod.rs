@@ -1,6 +1,9 @@
 //! Policy files: TOML, schema version 1. The embedded default is `policies/default.toml`.
 #![forbid(unsafe_code)]
 
+pub mod access;
+pub mod approvals;
+pub mod brokering;
 pub mod live;
 pub mod masking;
 pub mod validators;
@@ -48,6 +51,10 @@ struct PolicyFile {
     identity: IdentityConfig,
     #[serde(default)]
     masking: MaskingSection,
+    #[serde(default)]
+    access: access::AccessConfig,
+    #[serde(default)]
+    brokering: brokering::BrokeringConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -66,6 +73,11 @@ pub struct Policy {
     pub identity: IdentityConfig,
     /// Masking rules, in the order they apply.
     pub masking: Vec<masking::RuleConfig>,
+    /// Access rules, tried in order.
+    pub access: access::AccessConfig,
+    /// Headers set on requests to gateways from the secrets file (read when the policy is put
+    /// in force, not when it is checked).
+    pub brokering: brokering::BrokeringConfig,
     /// `embedded` or the file's path.
     pub source: String,
     pub sha256: [u8; 32],
@@ -125,6 +137,10 @@ impl Policy {
                 source_name: source_name.to_owned(),
                 message: at_rule(text, &e),
             })?;
+        access::Access::new(&file.access).map_err(|e| PolicyError::Invalid {
+            source_name: source_name.to_owned(),
+            message: at_access_rule(text, &e),
+        })?;
         if file.version != SCHEMA_VERSION {
             return Err(PolicyError::Version {
                 source_name: source_name.to_owned(),
@@ -136,6 +152,8 @@ impl Policy {
             description: file.description,
             identity: file.identity,
             masking: file.masking.rules,
+            access: file.access,
+            brokering: file.brokering,
             source: source_name.to_owned(),
             sha256: Sha256::digest(text.as_bytes()).into(),
         })
@@ -150,6 +168,13 @@ impl Policy {
     }
 }
 
+fn at_access_rule(text: &str, e: &access::AccessError) -> String {
+    let rule = match e {
+        access::AccessError::Glob { rule, .. } | access::AccessError::Rule { rule, .. } => rule,
+    };
+    at_name(text, rule, e)
+}
+
 /// `line L, column C: message` for a rule's error: where its `name = "…"` is.
 fn at_rule(text: &str, e: &masking::MaskingError) -> String {
     let rule = match e {
@@ -157,6 +182,10 @@ fn at_rule(text: &str, e: &masking::MaskingError) -> String {
         | masking::MaskingError::Rule { rule, .. }
         | masking::MaskingError::Example { rule, .. } => rule,
     };
+    at_name(text, rule, e)
+}
+
+fn at_name(text: &str, rule: &str, e: &dyn std::fmt::Display) -> String {
     let needle = format!("\"{rule}\"");
     match text
         .lines()

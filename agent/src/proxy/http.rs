@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{CONTENT_TYPE, HeaderMap};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -33,10 +33,13 @@ use super::OnAuditFailure;
 use super::correlate::{Correlator, session_key};
 use crate::audit::AuditLog;
 use crate::audit::record::{
-    Bytes as ByteCounts, Connection, Direction, Event, HttpEvent, HttpInfo, McpEvent, Process,
-    Token, now_rfc3339,
+    ApprovalEvent, Bytes as ByteCounts, Connection, Decision, DecisionAction, Direction, Event,
+    HttpEvent, HttpInfo, McpEvent, Process, Token, now_rfc3339,
 };
+use crate::identity::Caller;
 use crate::mcp::{self, Kind, Message};
+use crate::policy::access::Call;
+use crate::policy::approvals::{Approvals, Held};
 use crate::policy::live::Live;
 use crate::policy::masking::Scope;
 
@@ -52,6 +55,15 @@ pub struct ConnParts {
     pub hold_end: bool,
     pub verifier: Arc<crate::identity::Verifier>,
     pub policy: Arc<Live>,
+    pub approvals: Arc<Approvals>,
+}
+
+/// A request's token record and its raw value, kept in memory for this exchange only so that
+/// it can be scrubbed from what is recorded.
+#[derive(Clone, Copy)]
+struct Cred<'a> {
+    token: Option<&'a Token>,
+    raw: Option<&'a str>,
 }
 
 /// What every request on one connection shares.
@@ -74,6 +86,7 @@ pub struct Conn {
     stats: Arc<super::Stats>,
     verifier: Arc<crate::identity::Verifier>,
     policy: Arc<Live>,
+    approvals: Arc<Approvals>,
 }
 
 impl Conn {
@@ -97,6 +110,7 @@ impl Conn {
             stats: parts.stats,
             verifier: parts.verifier,
             policy: parts.policy,
+            approvals: parts.approvals,
         }
     }
 
@@ -165,6 +179,8 @@ impl Conn {
             error: None,
             batch: false,
             masked: Vec::new(),
+            wire_masked: false,
+            decision: None,
             client_info: None,
             logical_call: None,
             round: None,
@@ -181,16 +197,31 @@ impl Conn {
         exchange: String,
         direction: Direction,
         http: &HttpInfo,
-        token: Option<&Token>,
+        cred: Cred<'_>,
         m: Message,
         batch: bool,
     ) -> McpEvent {
+        let (token, raw_token) = (cred.token, cred.raw);
         // Masked before it is bounded: what is recorded never holds what a rule matched.
         let active = self.policy.current();
         let mut masked = std::collections::BTreeSet::new();
         let mut mask = |v: Option<Value>, scope: Scope| {
             v.map(|mut v| {
                 masked.extend(active.masker.mask_value(&mut v, scope).rules);
+                // Whatever the policy says: the gateway credential is never recorded.
+                if active.broker.scrub(&mut v) {
+                    masked.insert("brokered".to_owned());
+                }
+                // Nor the caller's own token, if it (or the gateway) put it in a message.
+                if let (Some(raw), Some(t)) = (raw_token, token) {
+                    let label = format!(
+                        "[REDACTED:token {}]",
+                        &t.fingerprint[..12.min(t.fingerprint.len())]
+                    );
+                    if crate::policy::masking::scrub_literal(&mut v, raw, &label) {
+                        masked.insert("token".to_owned());
+                    }
+                }
                 mcp::bounded(v, self.capture_limit)
             })
         };
@@ -394,16 +425,22 @@ async fn handle(
         ..Default::default()
     };
     // Verified once per token (cached by fingerprint); the raw value goes no further.
-    let token = match conn.verifier.token(&parts.headers).await {
+    // The raw token stays in memory for this exchange only: to scrub it from what is recorded.
+    let (token, raw_token) = match conn.verifier.token(&parts.headers).await {
         Some((token, raw)) => {
             conn.redact_token(&raw.value, &token.fingerprint);
-            Some(token)
+            (Some(token), Some(raw.value))
         }
-        None => None,
+        None => (None, None),
     };
+    // The gateway credential, set by the agent: the caller never holds it.
+    let active = conn.policy.current();
+    http.brokered = active
+        .broker
+        .apply(&conn.connection.original_dst, &mut parts.headers);
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let is_connect = parts.method == Method::CONNECT;
-    let (prefix, rest) = match read_prefix(body, parse_limit(conn.capture_limit)).await {
+    let (mut prefix, rest) = match read_prefix(body, parse_limit(conn.capture_limit)).await {
         Ok(r) => r,
         Err(e) => {
             let error = format!("reading the request body failed: {e}");
@@ -428,6 +465,19 @@ async fn handle(
     let mut pending: HashMap<String, String> = HashMap::new();
     let mut single_id: Option<Value> = None;
     let mut is_mcp = false;
+    // Wire masking: what the gateway gets, when a `wire = true` rule matches a complete body.
+    let wire_body = (parts.method == Method::POST
+        && rest.is_none()
+        && is_json(&parts.headers)
+        && active.masker.has_wire_rules())
+    .then(|| wire_rewrite(&active.masker, &prefix))
+    .flatten();
+    // Access rules: one policy for the whole request, decided per message the client sent.
+    let caller_process = conn.process();
+    let mut refused: Option<Decision> = None;
+    // The first message held for approval: its decision, exchange, method and name.
+    let mut held: Option<(Decision, String, Option<String>, Option<String>)> = None;
+    let mut in_batch = false;
     if parts.method == Method::POST {
         if rest.is_some() {
             if is_json(&parts.headers) {
@@ -448,6 +498,7 @@ async fn handle(
             match mcp::parse(&prefix) {
                 Ok((messages, batch)) => {
                     is_mcp = true;
+                    in_batch = batch;
                     if !batch && messages[0].kind == Kind::Request {
                         single_id = messages[0].id.clone();
                     }
@@ -487,6 +538,38 @@ async fn handle(
                             }
                             _ => {}
                         }
+                        let decision =
+                            matches!(m.kind, Kind::Request | Kind::Notification).then(|| {
+                                active.access.decide(&Call {
+                                    caller: Caller {
+                                        process: &caller_process,
+                                        token: token.as_ref(),
+                                    },
+                                    method: m.method.as_deref(),
+                                    name: m.name.as_deref(),
+                                    uri: m.uri.as_deref(),
+                                    destination: &conn.connection.original_dst,
+                                })
+                            });
+                        match &decision {
+                            Some(d)
+                                if matches!(
+                                    d.action,
+                                    DecisionAction::Deny | DecisionAction::RateLimited
+                                ) && refused.is_none() =>
+                            {
+                                refused = Some(d.clone());
+                            }
+                            Some(d) if d.action == DecisionAction::Held && held.is_none() => {
+                                held = Some((
+                                    d.clone(),
+                                    exchange.clone(),
+                                    m.method.clone(),
+                                    m.name.clone(),
+                                ));
+                            }
+                            _ => {}
+                        }
                         // A retry of an `input_required` round joins its logical call.
                         let retry = (m.kind == Kind::Request)
                             .then(|| mcp::request_state(&m))
@@ -504,11 +587,16 @@ async fn handle(
                             exchange,
                             Direction::ClientToServer,
                             &http,
-                            token.as_ref(),
+                            Cred {
+                                token: token.as_ref(),
+                                raw: raw_token.as_deref(),
+                            },
                             m,
                             batch,
                         );
                         e.header_mismatch = mismatch;
+                        e.decision = decision;
+                        e.wire_masked = wire_body.is_some();
                         if let Some((logical, round)) = retry {
                             e.logical_call = Some(logical);
                             e.round = Some(round);
@@ -545,6 +633,52 @@ async fn handle(
         };
     }
 
+    if let Some(decision) = refused {
+        return refuse_by_policy(
+            &conn,
+            &http,
+            token.as_ref(),
+            &session,
+            pending,
+            in_batch,
+            decision,
+            t0,
+        )
+        .await;
+    }
+    if let Some((decision, exchange, method, name)) = held {
+        let call = HeldCall {
+            decision: &decision,
+            exchange,
+            method,
+            name,
+            process: &caller_process,
+            token: token.as_ref(),
+        };
+        if let Err(refusal) = hold_for_approval(&conn, call).await {
+            return refuse_by_policy(
+                &conn,
+                &http,
+                token.as_ref(),
+                &session,
+                pending,
+                in_batch,
+                refusal,
+                t0,
+            )
+            .await;
+        }
+    }
+
+    if let Some(rewritten) = wire_body {
+        // The length changes with the rewrite; a chunked body is re-chunked by hyper.
+        if parts.headers.contains_key(CONTENT_LENGTH) {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+        }
+        prefix = rewritten;
+    }
     let body = Prefixed {
         prefix: (!prefix.is_empty()).then_some(prefix),
         rest,
@@ -611,6 +745,7 @@ async fn handle(
         conn: conn.clone(),
         http,
         token,
+        raw_token,
         base,
         pending,
         t0,
@@ -625,6 +760,197 @@ async fn handle(
     };
     conn.tracker.spawn(observed.run(rx));
     Response::from_parts(rparts, Tee::new(rbody, tx, conn.hold_end).boxed())
+}
+
+/// The body with the wire rules applied to every message's params, result and error, or
+/// `None` when no wire rule matched (the body then goes as it came, byte for byte).
+fn wire_rewrite(masker: &crate::policy::masking::Masker, body: &[u8]) -> Option<Bytes> {
+    let mut value: Value = serde_json::from_slice(body).ok()?;
+    let mut fired = false;
+    let mut each = |m: &mut Value| {
+        if let Value::Object(obj) = m {
+            for (key, scope) in [
+                ("params", Scope::Params),
+                ("result", Scope::Result),
+                ("error", Scope::Error),
+            ] {
+                if let Some(v) = obj.get_mut(key) {
+                    fired |= !masker.mask_value_wire(v, scope).rules.is_empty();
+                }
+            }
+        }
+    };
+    match &mut value {
+        Value::Array(items) => items.iter_mut().for_each(&mut each),
+        one => each(one),
+    }
+    fired.then(|| Bytes::from(serde_json::to_vec(&value).expect("JSON values serialise")))
+}
+
+struct HeldCall<'a> {
+    decision: &'a Decision,
+    exchange: String,
+    method: Option<String>,
+    name: Option<String>,
+    process: &'a Process,
+    token: Option<&'a Token>,
+}
+
+/// Holds a call until an operator decides or the rule's timeout passes; `Ok` when approved,
+/// else the refusal to answer with. Each step is an `approval` record.
+async fn hold_for_approval(conn: &Conn, call: HeldCall<'_>) -> Result<(), Decision> {
+    let rule = call.decision.rule.clone().unwrap_or_default();
+    let timeout = call
+        .decision
+        .timeout_secs
+        .unwrap_or(crate::policy::access::DEFAULT_APPROVAL_TIMEOUT_SECS);
+    let held = Held {
+        id: 0,
+        since: now_rfc3339(),
+        timeout_secs: timeout,
+        rule: rule.clone(),
+        exchange: call.exchange,
+        pid: call.process.pid,
+        exe: call.process.exe.clone(),
+        sub: call
+            .token
+            .filter(|t| t.verified)
+            .and_then(|t| t.sub.clone()),
+        ci: call.process.ci.as_ref().map(|ci| {
+            format!(
+                "{}:{}",
+                ci.provider.as_deref().unwrap_or("ci"),
+                ci.run.as_deref().or(ci.job.as_deref()).unwrap_or("-")
+            )
+        }),
+        method: call.method,
+        name: call.name,
+        destination: conn.connection.original_dst.clone(),
+    };
+    let (id, verdict) = conn.approvals.hold(held.clone());
+    let held = Held { id, ..held };
+    let event = |outcome: &str, approver, reason, waited_ms| {
+        Event::Approval(ApprovalEvent {
+            time: now_rfc3339(),
+            id,
+            outcome: outcome.to_owned(),
+            held: held.clone(),
+            approver,
+            reason,
+            waited_ms,
+        })
+    };
+    conn.record(event("requested", None, None, None)).await;
+    tracing::warn!(
+        id,
+        rule = %rule,
+        pid = held.pid,
+        what = held.name.as_deref().or(held.method.as_deref()).unwrap_or("?"),
+        "a call waits for approval: `mcptrail approve {id}` or `mcptrail deny {id}`"
+    );
+    let t0 = Instant::now();
+    let decided = tokio::time::timeout(std::time::Duration::from_secs(timeout), verdict).await;
+    let waited = Some(t0.elapsed().as_millis() as u64);
+    match decided {
+        Ok(Ok(v)) if v.approved => {
+            conn.record(event("approved", Some(v.approver), v.reason, waited))
+                .await;
+            Ok(())
+        }
+        Ok(Ok(v)) => {
+            let who = v
+                .approver
+                .user
+                .clone()
+                .unwrap_or_else(|| format!("uid {}", v.approver.uid));
+            let message = match &v.reason {
+                Some(r) => format!("an approver ({who}) denied it: {r}"),
+                None => format!("an approver ({who}) denied it"),
+            };
+            conn.record(event("denied", Some(v.approver), v.reason, waited))
+                .await;
+            Err(Decision {
+                action: DecisionAction::Deny,
+                rule: Some(rule),
+                message: Some(message),
+                timeout_secs: None,
+            })
+        }
+        Ok(Err(_)) | Err(_) => {
+            conn.approvals.forget(id);
+            let why = format!("no approver decided within {timeout} s");
+            conn.record(event("timed_out", None, Some(why.clone()), waited))
+                .await;
+            Err(Decision {
+                action: DecisionAction::Deny,
+                rule: Some(rule),
+                message: Some(why),
+                timeout_secs: None,
+            })
+        }
+    }
+}
+
+/// A request the access rules refused: nothing reaches the gateway; every request in it gets
+/// a JSON-RPC error naming the rule (a batch is refused whole), recorded as its outcome.
+#[allow(clippy::too_many_arguments)]
+async fn refuse_by_policy(
+    conn: &Conn,
+    http: &HttpInfo,
+    token: Option<&Token>,
+    session: &Option<String>,
+    pending: HashMap<String, String>,
+    batch: bool,
+    decision: Decision,
+    t0: Instant,
+) -> Response<ProxyBody> {
+    let rule = decision.rule.as_deref().map_or_else(
+        || "the policy's default".to_owned(),
+        |r| format!("policy rule {r:?}"),
+    );
+    let (code, mut message) = match decision.action {
+        DecisionAction::RateLimited => (
+            -32002,
+            format!("mcptrail: rate limit of {rule} exceeded; try again later"),
+        ),
+        _ => (-32001, format!("mcptrail: denied by {rule}")),
+    };
+    if let Some(m) = &decision.message {
+        message.push_str(": ");
+        message.push_str(m);
+    }
+    if batch {
+        message.push_str(" (the whole batch was refused)");
+    }
+    let scope = session.as_deref().unwrap_or(&conn.id).to_owned();
+    let mut errors = Vec::new();
+    for (id_text, exchange) in &pending {
+        conn.correlator
+            .close(&scope, Direction::ClientToServer, id_text);
+        let id: Value = serde_json::from_str(id_text).unwrap_or(Value::Null);
+        let error = serde_json::json!({"code": code, "message": message});
+        let mut e = conn.mcp_event(exchange.clone(), Direction::ServerToClient, http, token);
+        e.message = Some(Kind::Error);
+        e.jsonrpc_id = Some(id.clone());
+        e.error = Some(error.clone());
+        e.decision = Some(decision.clone());
+        e.elapsed_us = Some(t0.elapsed().as_micros() as u64);
+        conn.record(Event::Mcp(Box::new(e))).await;
+        errors.push(serde_json::json!({"jsonrpc": "2.0", "id": id, "error": error}));
+    }
+    let body = match (batch, errors.len()) {
+        // Only notifications: nothing to answer in JSON-RPC.
+        (_, 0) => return text_response(StatusCode::FORBIDDEN, format!("{message}\n")),
+        (false, _) => errors.swap_remove(0),
+        (true, _) => Value::Array(errors),
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(CONTENT_TYPE, "application/json")
+        .body(full(
+            serde_json::to_vec(&body).expect("JSON values serialise"),
+        ))
+        .expect("static response parts")
 }
 
 /// WebSocket and other upgrades: once the gateway switched protocols and the client got the
@@ -932,6 +1258,8 @@ struct Observed {
     conn: Arc<Conn>,
     http: HttpInfo,
     token: Option<Token>,
+    /// The caller's raw token, to scrub from the response's records; memory only.
+    raw_token: Option<String>,
     base: String,
     /// Request id (as JSON text) to exchange id, for requests still waiting for an answer.
     pending: HashMap<String, String>,
@@ -1240,7 +1568,10 @@ impl Observed {
                         exchange,
                         Direction::ServerToClient,
                         &self.http,
-                        self.token.as_ref(),
+                        Cred {
+                            token: self.token.as_ref(),
+                            raw: self.raw_token.as_deref(),
+                        },
                         m,
                         batch,
                     );

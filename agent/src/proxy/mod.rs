@@ -61,6 +61,8 @@ pub struct Settings {
     pub verifier: Arc<crate::identity::Verifier>,
     /// The policy in force (masking), swapped on reload.
     pub policy: Arc<crate::policy::live::Live>,
+    /// Calls held for an operator's approval.
+    pub approvals: Arc<crate::policy::approvals::Approvals>,
     /// SO_MARK for upstream sockets (0: none).
     pub mark: u32,
     /// Bytes of each HTTP body kept for the record (forwarding is never bounded by it).
@@ -349,6 +351,7 @@ impl Shared {
                                 hold_end: self.settings.hold_end,
                                 verifier: self.settings.verifier.clone(),
                                 policy: self.settings.policy.clone(),
+                                approvals: self.settings.approvals.clone(),
                             },
                             shared_process.clone(),
                             conn_info,
