@@ -613,6 +613,12 @@ wire = true
 [[masking.rules]]
 name = "order"
 pattern = 'O-\d{4}'
+
+[[masking.rules]]
+name = "customer_mail"
+pattern = '[a-z]+@example\.com'
+scope = ["headers"]
+wire = true
 "#,
     )
     .unwrap();
@@ -629,7 +635,12 @@ pattern = 'O-\d{4}'
     );
     let msg = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
                      "params": {"name": "x", "arguments": {"t": "see T-1234 and O-5678 and café"}}});
-    let (pid, answer) = post(&cgroup, port, &msg, &[]);
+    let (pid, answer) = post(&cgroup, port, &msg, &["X-Customer: bob@example.com".into()]);
+    // A header-scoped wire rule rewrote the header the gateway got.
+    assert_eq!(
+        answer["result"]["headers"]["x-customer"], "[MASKED:customer_mail]",
+        "{answer}"
+    );
     // The gateway echoes what it got: the wire rule's match never reached it.
     assert_eq!(
         answer["result"]["echo"]["arguments"]["t"], "see [MASKED:ticket] and O-5678 and café",
@@ -642,5 +653,268 @@ pattern = 'O-\d{4}'
     assert_eq!(
         req.params.as_ref().unwrap()["arguments"]["t"],
         "see [MASKED:ticket] and [MASKED:order] and café"
+    );
+}
+
+/// Runs tests/fixtures/mcp_call.py in the cgroup: the SDK's client calling `tool`, once per
+/// argument object.
+fn sdk_call(cgroup: &TestCgroup, port: u16, tool: &str, calls: &[Value]) -> (u32, Vec<Value>) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let lines: Vec<String> = calls.iter().map(Value::to_string).collect();
+    std::fs::write(file.path(), lines.join("\n")).unwrap();
+    let mut cmd = cgroup.command(mcp_python().to_str().unwrap());
+    cmd.arg(fixture("mcp_call.py"))
+        .arg(format!("http://127.0.0.1:{port}/mcp"))
+        .arg(tool)
+        .arg(format!("--args-file={}", file.path().display()));
+    let (pid, out) = output_with_pid(&mut cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// The default pack and every access action, with the official SDK's client and server.
+#[test]
+fn every_default_rule_and_every_action_with_the_sdk() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    // The embedded default (its 27 detectors) plus access rules.
+    let mut text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml"),
+    )
+    .unwrap();
+    text.push_str(
+        r#"
+[access]
+[[access.rules]]
+name = "no-summaries"
+action = "deny"
+message = "no summaries today"
+match = { tool = "summarize" }
+
+[[access.rules]]
+name = "add-budget"
+action = "rate_limit"
+rate = { per = "rule", burst = 1, per_second = 0.001 }
+match = { tool = "add" }
+
+[[access.rules]]
+name = "touch-needs-a-human"
+action = "approve"
+timeout_secs = 30
+match = { tool = "touch_tools" }
+"#,
+    );
+    let policy = work.path().join("policy.toml");
+    std::fs::write(&policy, text).unwrap();
+    let port = free_port();
+    let _server = mcp_server(port, &[]);
+    let cgroup = TestCgroup::new("policy-sdk");
+    let state = work.path().join("state");
+    let _agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{port}")],
+        &["--policy", policy.to_str().unwrap()],
+        false,
+    );
+
+    // Every example of every pattern rule, through the SDK's echo tool: the client gets its
+    // text back, and the trail has it masked by that rule, both ways.
+    let pack = mcptrail::policy::Policy::embedded_default().unwrap();
+    let mut cases = Vec::new();
+    for rule in pack.masking.iter().filter(|r| r.pattern.is_some()) {
+        for example in &rule.examples {
+            cases.push((rule.name.clone(), example.clone()));
+        }
+    }
+    assert!(cases.len() >= 35, "{}", cases.len());
+    let args: Vec<Value> = cases.iter().map(|(_, t)| json!({"text": t})).collect();
+    let (pid, answers) = sdk_call(&cgroup, port, "echo", &args);
+    for ((_, text), answer) in cases.iter().zip(&answers) {
+        assert_eq!(
+            answer["text"][0],
+            text.as_str(),
+            "the client sees its own text"
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let recs = loop {
+        let recs = mcp_of(&state, pid);
+        let outcomes = recs
+            .iter()
+            .filter(|r| r.result.is_some() && r.method.is_none())
+            .count();
+        if outcomes >= cases.len() + 2 || std::time::Instant::now() > deadline {
+            break recs;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (rule, text) in &cases {
+        let call = recs
+            .iter()
+            .find(|r| {
+                r.name.as_deref() == Some("echo") && r.masked.contains(rule) && r.params.is_some()
+            })
+            .unwrap_or_else(|| panic!("no call masked by {rule} ({text:?})"));
+        let recorded = call.params.as_ref().unwrap()["arguments"]["text"].to_string();
+        assert!(recorded.contains(&format!(":{rule}")), "{rule}: {recorded}");
+    }
+    let dump = String::from_utf8(tail(&state, &["--json", "-n", "100000"]).stdout).unwrap();
+    for (rule, text) in &cases {
+        // The secret part is gone from the whole trail (the requests and the echoed results).
+        let secret = text.split_whitespace().max_by_key(|w| w.len()).unwrap();
+        if secret.len() >= 12 && !["hunter22", "s3cr3t!"].contains(&secret) {
+            assert!(!dump.contains(secret), "{rule}: {secret} is in the trail");
+        }
+    }
+
+    // Deny: the SDK's client gets the rule's message.
+    let (_, a) = sdk_call(&cgroup, port, "summarize", &[json!({"text": "t"})]);
+    let said = a[0]["error"].as_str().unwrap_or_else(|| panic!("{a:?}"));
+    assert!(said.contains("no summaries today"), "{said}");
+    // Rate limit: one call, then refused.
+    let (_, a) = sdk_call(
+        &cgroup,
+        port,
+        "add",
+        &[json!({"a": 1, "b": 2}), json!({"a": 3, "b": 4})],
+    );
+    assert_eq!(a[0]["text"][0], "3", "{a:?}");
+    assert!(
+        a[1]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("add-budget"),
+        "{a:?}"
+    );
+    // Approve: held until an operator says yes.
+    std::thread::scope(|s| {
+        let client = s.spawn(|| sdk_call(&cgroup, port, "touch_tools", &[json!({})]));
+        let id = pending(&state, 1)[0]["id"].as_u64().unwrap().to_string();
+        assert!(mcptrail(&state, &["approve", &id]).status.success());
+        let (_, a) = client.join().unwrap();
+        assert_eq!(a[0]["text"][0], "touched", "{a:?}");
+    });
+    assert_verifies(&state);
+}
+
+/// Wire rules on what the gateway sends back: a JSON response (its length changes) and an SSE
+/// stream (re-framed), which the official SDK's client must still read.
+#[test]
+fn wire_rules_rewrite_responses_json_and_sse() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let policy = work.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"version = 1
+name = "wire-responses"
+
+[[masking.rules]]
+name = "card_out"
+pattern = '4111 1111 1111 1111'
+scope = ["result"]
+wire = true
+"#,
+    )
+    .unwrap();
+    let (echo_port, sdk_port) = (free_port(), free_port());
+    let _echo = echo_server(echo_port);
+    let _server = mcp_server(sdk_port, &[]);
+    let cgroup = TestCgroup::new("policy-wire-out");
+    let state = work.path().join("state");
+    let _agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &[
+            format!("127.0.0.1:{echo_port}"),
+            format!("127.0.0.1:{sdk_port}"),
+        ],
+        &["--policy", policy.to_str().unwrap()],
+        false,
+    );
+    // JSON: the request goes as it is (the rule is for results), the answer comes back masked.
+    let msg = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                     "params": {"name": "x", "arguments": {"t": "4111 1111 1111 1111"}}});
+    let (_, answer) = post(&cgroup, echo_port, &msg, &[]);
+    assert_eq!(
+        answer["result"]["echo"]["arguments"]["t"], "[MASKED:card_out]",
+        "{answer}"
+    );
+    // SSE (the SDK's server in the handshake era streams its answers): still a valid stream.
+    let mut cmd = cgroup.command(mcp_python().to_str().unwrap());
+    cmd.arg(fixture("mcp_client.py"))
+        .arg(format!("http://127.0.0.1:{sdk_port}/mcp"))
+        .arg("legacy");
+    let (_, out) = output_with_pid(&mut cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out["echo"], json!(["card [MASKED:card_out]"]), "{out}");
+    assert_eq!(
+        out["add"],
+        json!(["42"]),
+        "the other calls are untouched: {out}"
+    );
+}
+
+#[test]
+fn policy_check_and_test_without_traffic() {
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path();
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/default.toml");
+    let out = mcptrail(state, &["policy", "check", default.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("27 masking rules"),
+        "{said}"
+    );
+
+    let bad = work.path().join("bad.toml");
+    std::fs::write(&bad, "version = 1\nname = \"bad\"\n\n[[masking.rules]]\nname = \"digits\"\npattern = '\\d+'\ncounterexamples = [\"room 42\"]\n").unwrap();
+    let out = mcptrail(state, &["policy", "check", bad.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        said.contains("line 5") && said.contains("\"room 42\" should be left alone"),
+        "{said}"
+    );
+
+    let mut policy = std::fs::read_to_string(&default).unwrap();
+    policy.push_str("\n[[access.rules]]\nname = \"no-deploys\"\naction = \"deny\"\nmatch = { tool = \"deploy_*\" }\n");
+    let file = work.path().join("p.toml");
+    std::fs::write(&file, policy).unwrap();
+    let input = work.path().join("msg.json");
+    std::fs::write(&input, r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"deploy_prod","arguments":{"card":"4111 1111 1111 1111"}}}"#).unwrap();
+    let out = mcptrail(
+        state,
+        &[
+            "policy",
+            "test",
+            file.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("decision for tools/call deploy_prod: deny (rule no-deploys)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("[MASKED:payment_card]1111") && said.contains("masked by: payment_card"),
+        "{said}"
     );
 }

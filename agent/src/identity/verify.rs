@@ -155,6 +155,11 @@ impl Verifier {
             .min()
     }
 
+    /// The headers that may carry a token.
+    pub fn token_headers(&self) -> &[String] {
+        &self.headers
+    }
+
     /// The token a request carries, verified, and the raw token for the caller to scrub from
     /// what else it records (and then drop).
     pub async fn token(&self, headers: &hyper::HeaderMap) -> Option<(Token, RawToken)> {

@@ -62,6 +62,9 @@ pub enum Scope {
     Result,
     /// Error objects.
     Error,
+    /// The request's URL (path and query, as recorded) and, for `wire` rules, the values of
+    /// the request headers that are forwarded (the caller's token headers excepted).
+    Headers,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -659,6 +662,27 @@ mod tests {
         let before = v.clone();
         assert!(m.mask_value(&mut v, Scope::Params).rules.is_empty());
         assert_eq!(v, before);
+    }
+
+    #[test]
+    fn header_scope_is_opt_in() {
+        let rs = rules(
+            "[[rules]]\nname = \"mail\"\npattern = '[a-z]+@[a-z]+\\.com'\nscope = [\"headers\"]\n",
+        );
+        let m = Masker::new(&rs, [0; 32]).unwrap();
+        let mut url = json!("/mcp?user=bob@example.com");
+        assert_eq!(m.mask_value(&mut url, Scope::Headers).rules.len(), 1);
+        assert_eq!(url, "/mcp?user=[MASKED:mail]");
+        let mut body = json!("bob@example.com");
+        assert!(m.mask_value(&mut body, Scope::Params).rules.is_empty());
+        // The default pack leaves headers alone unless a rule says otherwise.
+        let mut url = json!("/mcp?user=bob@example.com");
+        assert!(
+            default_masker()
+                .mask_value(&mut url, Scope::Headers)
+                .rules
+                .is_empty()
+        );
     }
 
     #[test]

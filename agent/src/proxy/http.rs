@@ -433,8 +433,22 @@ async fn handle(
         }
         None => (None, None),
     };
-    // The gateway credential, set by the agent: the caller never holds it.
     let active = conn.policy.current();
+    // Header-scoped masking: the URL as recorded, and (wire rules) header values forwarded.
+    let mut url = Value::String(std::mem::take(&mut http.path));
+    active.masker.mask_value(&mut url, Scope::Headers);
+    http.path = match url {
+        Value::String(s) => s,
+        other => other.to_string(),
+    };
+    if active.masker.has_wire_rules() {
+        mask_header_values(
+            &active.masker,
+            &mut parts.headers,
+            conn.verifier.token_headers(),
+        );
+    }
+    // The gateway credential, set by the agent: the caller never holds it.
     http.brokered = active
         .broker
         .apply(&conn.connection.original_dst, &mut parts.headers);
@@ -739,8 +753,10 @@ async fn handle(
             conn.id.clone(),
         );
     }
-    let (rparts, rbody) = resp.into_parts();
+    let (mut rparts, rbody) = resp.into_parts();
     let (tx, rx) = mpsc::unbounded_channel();
+    let wire = is_mcp && active.masker.has_wire_rules();
+    let response_type = http.content_type.clone().unwrap_or_default();
     let observed = Observed {
         conn: conn.clone(),
         http,
@@ -759,7 +775,124 @@ async fn handle(
         client_closed: false,
     };
     conn.tracker.spawn(observed.run(rx));
-    Response::from_parts(rparts, Tee::new(rbody, tx, conn.hold_end).boxed())
+    let tee = Tee::new(rbody, tx, conn.hold_end);
+    if wire && response_type.starts_with("text/event-stream") {
+        // Event by event: each event's data masked, the stream re-framed.
+        return Response::from_parts(rparts, wire_sse(tee, active.clone()));
+    }
+    if wire && response_type.contains("json") {
+        // The whole body first: its length changes when a rule matches.
+        return match tee.collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                let body = match wire_rewrite(&active.masker, &bytes) {
+                    Some(rewritten) => {
+                        rparts
+                            .headers
+                            .insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+                        rparts.headers.remove(hyper::header::TRANSFER_ENCODING);
+                        rewritten
+                    }
+                    None => bytes,
+                };
+                Response::from_parts(rparts, full(body))
+            }
+            Err(e) => text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("mcptrail: the gateway's response broke off: {e}\n"),
+            ),
+        };
+    }
+    Response::from_parts(rparts, tee.boxed())
+}
+
+/// An SSE response with the wire rules applied to each event's JSON data, re-framed as
+/// `event:`/`id:`/`retry:`/`data:` lines. Comments (keep-alives) are not passed on; a stream
+/// that stops decoding ends there (the observer records why).
+fn wire_sse(tee: Tee, active: Arc<crate::policy::live::Active>) -> ProxyBody {
+    let events = sse_stream::SseStream::new(tee);
+    let frames = events.map_while(|event| event.ok()).map(move |mut event| {
+        if let Some(data) = &event.data
+            && let Some(rewritten) = wire_rewrite(&active.masker, data.as_bytes())
+        {
+            event.data = Some(String::from_utf8_lossy(&rewritten).into_owned());
+        }
+        Ok::<_, hyper::Error>(hyper::body::Frame::data(encode_sse(&event)))
+    });
+    http_body_util::StreamBody::new(frames).boxed()
+}
+
+/// One SSE event block. The decoder guarantees no line breaks in `event` and `id`.
+fn encode_sse(event: &sse_stream::Sse) -> Bytes {
+    let mut s = String::new();
+    if let Some(e) = &event.event {
+        s.push_str("event: ");
+        s.push_str(e);
+        s.push('\n');
+    }
+    if let Some(id) = &event.id {
+        s.push_str("id: ");
+        s.push_str(id);
+        s.push('\n');
+    }
+    if let Some(retry) = event.retry {
+        s.push_str(&format!("retry: {retry}\n"));
+    }
+    if let Some(data) = &event.data {
+        for line in data.split('\n') {
+            s.push_str("data: ");
+            s.push_str(line);
+            s.push('\n');
+        }
+    }
+    s.push('\n');
+    Bytes::from(s)
+}
+
+/// Rewrites forwarded header values that a `wire` rule with the `headers` scope matches; the
+/// caller's token headers are left to the token handling.
+fn mask_header_values(
+    masker: &crate::policy::masking::Masker,
+    headers: &mut HeaderMap,
+    token_headers: &[String],
+) {
+    let names: Vec<hyper::header::HeaderName> = headers.keys().cloned().collect();
+    for name in names {
+        if token_headers.iter().any(|t| t == name.as_str()) {
+            continue;
+        }
+        let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+        let mut changed = false;
+        let mut rewritten = Vec::with_capacity(values.len());
+        for value in values {
+            let Ok(text) = value.to_str() else {
+                rewritten.push(value);
+                continue;
+            };
+            let mut v = Value::String(text.to_owned());
+            if masker
+                .mask_value_wire(&mut v, Scope::Headers)
+                .rules
+                .is_empty()
+            {
+                rewritten.push(value);
+                continue;
+            }
+            match v.as_str().and_then(|s| HeaderValue::from_str(s).ok()) {
+                Some(new) => {
+                    rewritten.push(new);
+                    changed = true;
+                }
+                None => rewritten.push(value),
+            }
+        }
+        if changed {
+            headers.remove(&name);
+            for v in rewritten {
+                headers.append(name.clone(), v);
+            }
+        }
+    }
 }
 
 /// The body with the wire rules applied to every message's params, result and error, or
