@@ -38,7 +38,11 @@ enum Task {
     Test,
     /// Set up, build, and run the benchmarks (root): each compares against the direct path in
     /// the same run and reports ratios. See BENCHMARKS.md.
-    Bench,
+    Bench {
+        /// A smoke run (under 2 minutes once built): fewer rounds, one rate, one payload.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Set up, then run the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer, nightly): each for
     /// SECONDS, or only TARGET. Crashes land in fuzz/artifacts/TARGET.
     Fuzz {
@@ -88,11 +92,40 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::Bench => {
+        Task::Bench { quick } => {
             setup::run()?;
             build()?;
-            run_tests_bin("bench-connect")?;
-            run_tests_bin_release("bench-mask")
+            // The connect() benchmark measures the kernel programs: the debug agent is fine.
+            let rounds = if quick { "3" } else { "9" };
+            run_checked(cargo().args([
+                "build",
+                "--package",
+                "mcptrail-tests",
+                "--bin",
+                "bench-connect",
+            ]))?;
+            run_checked(
+                Command::new(target_dir().join("debug").join("bench-connect"))
+                    .env("BENCH_ROUNDS", rounds),
+            )?;
+            run_tests_bin_release("bench-mask", &[])?;
+            // Calls through the agent: the release agent, as it would run in production.
+            run_checked(cargo().args(["build", "--release", "--package", "mcptrail"]))?;
+            let agent = target_dir().join("release").join("mcptrail");
+            let args: &[&str] = if quick { &["--quick"] } else { &[] };
+            run_checked(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "mcptrail-tests",
+                "--bin",
+                "bench-mcp",
+            ]))?;
+            run_checked(
+                Command::new(target_dir().join("release").join("bench-mcp"))
+                    .args(args)
+                    .env("MCPTRAIL_BIN", agent),
+            )
         }
         Task::Demo => {
             setup::run()?;
@@ -110,7 +143,7 @@ fn run_tests_bin(name: &str) -> anyhow::Result<()> {
 
 /// Builds and runs a binary of mcptrail-tests with optimisations (for CPU-bound benchmarks,
 /// where a debug build would measure the wrong thing).
-fn run_tests_bin_release(name: &str) -> anyhow::Result<()> {
+fn run_tests_bin_release(name: &str, args: &[&str]) -> anyhow::Result<()> {
     run_checked(cargo().args([
         "build",
         "--release",
@@ -119,7 +152,7 @@ fn run_tests_bin_release(name: &str) -> anyhow::Result<()> {
         "--bin",
         name,
     ]))?;
-    run_checked(&mut Command::new(target_dir().join("release").join(name)))
+    run_checked(Command::new(target_dir().join("release").join(name)).args(args))
 }
 
 /// The fuzz targets of fuzz/Cargo.toml.
