@@ -259,6 +259,43 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+fn profile(out: &str) {
+    let addr = backend();
+    let work = tempfile::tempdir().unwrap();
+    let cg = TestCgroup::new("mcp-profile");
+    let agent = Agent::start_with(
+        &work.path().join("p"),
+        &cg,
+        &[addr.to_string()],
+        &["--durability", "buffered"],
+        false,
+    );
+    enter(&cg.path);
+    let mut perf = std::process::Command::new("perf")
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "999",
+            "-g",
+            "-o",
+            out,
+            "-p",
+        ])
+        .arg(agent.pid().to_string())
+        .args(["--", "sleep", "8"])
+        .spawn()
+        .expect("perf (Debian's linux-perf) is needed for --profile");
+    let r = saturation(addr, 32, 9, 1024);
+    let _ = perf.wait();
+    enter(cg.path.parent().unwrap());
+    println!(
+        "profiled saturation: {r:.0} calls/s; `perf report -i {out} --no-children` shows where the agent's time goes"
+    );
+    drop(agent);
+}
+
 /// Median fsync latency of a small write in `dir`, in microseconds.
 fn fsync_us(dir: &Path) -> u64 {
     use std::io::Write;
@@ -326,9 +363,21 @@ fn records_per_sec(dir: &Path, sync: bool, writers: usize, secs: u64) -> f64 {
     rate
 }
 
+/// `--profile FILE`: only the saturation case of the buffered, masking set-up, with `perf
+/// record` (cpu-clock, call graphs) on the agent meanwhile; then `perf report` reads FILE.
+fn profile_arg() -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--profile")
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
 fn main() {
     require_root();
     let quick = quick();
+    if let Some(out) = profile_arg() {
+        return profile(&out);
+    }
     let secs = if quick { 2 } else { 5 };
     let rates: &[u64] = if quick { &[1000] } else { &[500, 1000, 2000] };
     let sizes: &[usize] = if quick { &[1024] } else { &[1024, 16 * 1024] };
