@@ -160,10 +160,11 @@ pub fn subscription_id(m: &Message) -> Option<String> {
 /// A JSON value bounded for the record: itself when its JSON text fits in `limit` bytes,
 /// else a marker saying it was cut, how big it was, and its first `limit` bytes of text.
 pub fn bounded(value: serde_json::Value, limit: usize) -> serde_json::Value {
-    let text = value.to_string();
-    if text.len() <= limit {
+    // Measured without building the text: most values fit, and are kept as they are.
+    if json_len(&value) <= limit {
         return value;
     }
+    let text = value.to_string();
     let mut cut = limit;
     while !text.is_char_boundary(cut) {
         cut -= 1;
@@ -173,6 +174,23 @@ pub fn bounded(value: serde_json::Value, limit: usize) -> serde_json::Value {
         "bytes": text.len(),
         "head": &text[..cut],
     })
+}
+
+/// The length of a value's JSON text, counted as it is written, with no allocation.
+fn json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("counting never fails");
+    count.0
 }
 
 /// The JSON-RPC error body the proxy answers with when the gateway cannot be reached.
@@ -284,6 +302,12 @@ mod tests {
             parse(br#"{"jsonrpc":"2.0","id":1}"#),
             Err(McpError::NotJsonRpc(_))
         ));
+    }
+
+    #[test]
+    fn lengths_are_counted_like_the_text() {
+        let v = json!({"a": "quote \" tab \t café 🚀", "n": [1, 2.5, null, true]});
+        assert_eq!(json_len(&v), v.to_string().len());
     }
 
     #[test]

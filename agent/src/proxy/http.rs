@@ -225,11 +225,13 @@ impl Conn {
                 mcp::bounded(v, self.capture_limit)
             })
         };
-        let params = mask(m.params.clone(), Scope::Params);
-        let result = mask(m.result.clone(), Scope::Result);
-        let error = mask(m.error.clone(), Scope::Error);
+        // Read before the values move into the masking (no copies of the bodies).
+        let client_info = mcp::client_info(&m).map(|v| mcp::bounded(v, 4096));
+        let params = mask(m.params, Scope::Params);
+        let result = mask(m.result, Scope::Result);
+        let error = mask(m.error, Scope::Error);
         McpEvent {
-            client_info: mcp::client_info(&m).map(|v| mcp::bounded(v, 4096)),
+            client_info,
             message: Some(m.kind),
             jsonrpc_id: m.id,
             method: m.method,
