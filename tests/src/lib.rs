@@ -201,6 +201,18 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A plain JSON-RPC echo server (tests/fixtures/jsonrpc_echo.py) on 127.0.0.1:`port`.
+pub fn jsonrpc_echo(port: u16) -> Reaped {
+    let child = Command::new("python3")
+        .arg(fixture("jsonrpc_echo.py"))
+        .arg(port.to_string())
+        .spawn()
+        .expect("starting the JSON-RPC echo server");
+    let server = Reaped(child);
+    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    server
+}
+
 /// The official SDK's MCP server (tests/fixtures/mcp_server.py) on 127.0.0.1:`port`.
 pub fn mcp_server(port: u16, extra: &[&str]) -> Reaped {
     let child = Command::new(mcp_python())
@@ -585,6 +597,53 @@ pub fn wait_for_record(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The `mcp` records of one calling process, in trail order.
+pub fn mcp_records(state_dir: &Path, pid: u32) -> Vec<mcptrail::audit::record::McpEvent> {
+    records(state_dir)
+        .into_iter()
+        .filter_map(|r| match r.event {
+            mcptrail::audit::Event::Mcp(e) if e.process.pid == pid => Some(*e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until `pid` has at least `n` MCP records, and returns them.
+pub fn wait_mcp_records(
+    state_dir: &Path,
+    pid: u32,
+    n: usize,
+) -> Vec<mcptrail::audit::record::McpEvent> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = mcp_records(state_dir, pid);
+        if recs.len() >= n || Instant::now() > deadline {
+            assert!(recs.len() >= n, "{recs:#?}");
+            return recs;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every file below `dir`, for searching a state directory byte by byte.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("reading a folder").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains_bytes(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Service tokens for the identity tests: real keys (test-only, in tests/fixtures/keys), real

@@ -111,17 +111,7 @@ fn run(mode: &str, label: &str) -> Full {
     let _server = mcp_server(port, &["--json-response"]);
     // Single POSTs go to a plain JSON-RPC echo server: no session needed.
     let echo_port = free_port();
-    let _echo = Reaped(
-        Command::new("python3")
-            .arg(fixture("jsonrpc_echo.py"))
-            .arg(echo_port.to_string())
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(
-        &format!("127.0.0.1:{echo_port}"),
-        std::time::Duration::from_secs(10),
-    );
+    let _echo = jsonrpc_echo(echo_port);
     let cgroup = TestCgroup::new(label);
     let disk = Tmpfs::new(work.path().join("disk"), "32m");
     let state = disk.0.join("state");

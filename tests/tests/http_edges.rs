@@ -300,13 +300,7 @@ fn big_bodies_pass_whole_and_are_recorded_cut_with_a_marker() {
     require_root();
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
-    let child = Command::new("python3")
-        .arg(fixture("jsonrpc_echo.py"))
-        .arg(port.to_string())
-        .spawn()
-        .unwrap();
-    let _server = Reaped(child);
-    wait_listening(&format!("127.0.0.1:{port}"), WAIT);
+    let _server = jsonrpc_echo(port);
     let cgroup = TestCgroup::new("bigbody");
     let state = work.path().join("state");
     let _agent = Agent::start_with(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 use mcptrail::audit::Event;
-use mcptrail::audit::record::{McpEvent, Process, Token, TokenFailure};
+use mcptrail::audit::record::{Process, Token, TokenFailure};
 use mcptrail_tests::tokens::{jwk, now, sign};
 use mcptrail_tests::*;
 use nix::sys::signal::Signal;
@@ -87,16 +87,6 @@ min_refresh_secs = 0
 fn claims(sub: &str) -> serde_json::Value {
     json!({"iss": ISS, "sub": sub, "aud": ["mcp-gateway"], "exp": now() + 900, "iat": now(),
            "jti": format!("jti-{sub}"), "client_id": "ci-runner", "groups": ["ci", "deployers"]})
-}
-
-fn mcp_of(state: &Path, pid: u32) -> Vec<McpEvent> {
-    records(state)
-        .into_iter()
-        .filter_map(|r| match r.event {
-            Event::Mcp(e) if e.process.pid == pid => Some(*e),
-            _ => None,
-        })
-        .collect()
 }
 
 /// One POST from a new process; the token record of its request.
@@ -227,7 +217,7 @@ fn a_ci_job_in_a_container_is_attributed_with_its_verified_token() {
     assert_eq!(t.kid.as_deref(), Some("rsa-1"));
 
     // Every request of the session carries the same identity; the token verified once.
-    let all = mcp_of(&state, pid);
+    let all = mcp_records(&state, pid);
     assert!(all.len() > 6);
     assert!(
         all.iter()
@@ -272,14 +262,7 @@ fn tokens_verify_through_key_rotation_and_fail_with_their_reason_and_never_leak(
     ]);
     let policy = policy(work.path(), jwks.port);
     let port = free_port();
-    let _echo = Reaped(
-        std::process::Command::new("python3")
-            .arg(fixture("jsonrpc_echo.py"))
-            .arg(port.to_string())
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    let _echo = jsonrpc_echo(port);
     let cgroup = TestCgroup::new("identity-tokens");
     let state = work.path().join("state");
     let mut agent = Agent::start_logging(
@@ -361,7 +344,7 @@ fn tokens_verify_through_key_rotation_and_fail_with_their_reason_and_never_leak(
     // The raw tokens are nowhere: not in the store's files, the exports, or the debug log.
     agent.stop();
     let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
-    for entry in walk(&state) {
+    for entry in files_under(&state) {
         haystacks.push((entry.display().to_string(), std::fs::read(&entry).unwrap()));
     }
     for format in ["jsonl", "cef"] {
@@ -388,7 +371,7 @@ fn tokens_verify_through_key_rotation_and_fail_with_their_reason_and_never_leak(
         for (name, hay) in &haystacks {
             for needle in needles {
                 assert!(
-                    !contains(hay, needle.as_bytes()),
+                    !contains_bytes(hay, needle.as_bytes()),
                     "a raw token ({}…) is in {name}",
                     &needle[..8.min(needle.len())]
                 );
@@ -403,14 +386,7 @@ fn a_caller_gone_before_proc_is_read_keeps_its_kernel_identity() {
     require_root();
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _echo = Reaped(
-        std::process::Command::new("python3")
-            .arg(fixture("jsonrpc_echo.py"))
-            .arg(port.to_string())
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    let _echo = jsonrpc_echo(port);
     let cgroup = TestCgroup::new("identity-gone");
     let container = cgroup.child(&format!("docker-{CONTAINER_ID}.scope"));
     let state = work.path().join("state");
@@ -465,21 +441,4 @@ fn a_caller_gone_before_proc_is_read_keeps_its_kernel_identity() {
     );
     assert_eq!(p.container.map(|c| c.id).as_deref(), Some(CONTAINER_ID));
     drop(container);
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }

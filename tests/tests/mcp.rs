@@ -9,17 +9,6 @@ use mcptrail::audit::record::{Direction, McpEvent};
 use mcptrail::mcp::Kind;
 use mcptrail_tests::*;
 
-/// The client's calls, in the order it makes them, as (method, name or uri).
-fn mcp_records(state: &std::path::Path, pid: u32) -> Vec<McpEvent> {
-    records(state)
-        .into_iter()
-        .filter_map(|r| match r.event {
-            Event::Mcp(e) if e.process.pid == pid => Some(*e),
-            _ => None,
-        })
-        .collect()
-}
-
 fn run_client(cgroup: &TestCgroup, port: u16, case: &Case) -> (u32, serde_json::Value) {
     let path = if case.sse_transport { "sse" } else { "mcp" };
     let mut cmd = cgroup.command(mcp_python().to_str().unwrap());

@@ -6,22 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use mcptrail::audit::Event;
-use mcptrail::audit::record::{DecisionAction, McpEvent};
+use mcptrail::audit::record::DecisionAction;
 use mcptrail_tests::*;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-
-fn echo_server(port: u16) -> Reaped {
-    let child = Reaped(
-        std::process::Command::new("python3")
-            .arg(fixture("jsonrpc_echo.py"))
-            .arg(port.to_string())
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
-    child
-}
 
 /// POSTs `body` from a new process in the cgroup; its pid and the JSON answer.
 fn post(cgroup: &TestCgroup, port: u16, body: &Value, headers: &[String]) -> (u32, Value) {
@@ -59,16 +47,6 @@ fn hs_token(secret: &[u8], sub: &str) -> String {
         &jsonwebtoken::EncodingKey::from_secret(secret),
     )
     .unwrap()
-}
-
-fn mcp_of(state: &Path, pid: u32) -> Vec<McpEvent> {
-    records(state)
-        .into_iter()
-        .filter_map(|r| match r.event {
-            Event::Mcp(e) if e.process.pid == pid => Some(*e),
-            _ => None,
-        })
-        .collect()
 }
 
 #[test]
@@ -113,7 +91,7 @@ match = {{ exe = "*python*", method = "resources/read" }}
     )
     .unwrap();
     let port = free_port();
-    let _echo = echo_server(port);
+    let _echo = jsonrpc_echo(port);
     let cgroup = TestCgroup::new("policy-access");
     let state = work.path().join("state");
     let _agent = Agent::start_with(
@@ -145,7 +123,7 @@ match = {{ exe = "*python*", method = "resources/read" }}
         answer.get("result").is_none(),
         "the echo server would have answered: {answer}"
     );
-    let recs = wait_records(&state, pid, 2);
+    let recs = wait_mcp_records(&state, pid, 2);
     let req = recs.iter().find(|r| r.method.is_some()).unwrap();
     let d = req.decision.as_ref().unwrap();
     assert_eq!(
@@ -161,7 +139,7 @@ match = {{ exe = "*python*", method = "resources/read" }}
     // Allowed: through to the gateway, and the record says which way it went.
     let (pid, answer) = post(&cgroup, port, &call(2, "deploy_staging"), &alice);
     assert_eq!(answer["result"]["echo"]["name"], "deploy_staging");
-    let recs = wait_records(&state, pid, 2);
+    let recs = wait_mcp_records(&state, pid, 2);
     assert_eq!(
         recs[0].decision.as_ref().unwrap().action,
         DecisionAction::Allow
@@ -182,7 +160,7 @@ match = {{ exe = "*python*", method = "resources/read" }}
     );
     let (_, other) = post(&cgroup, port, &call(13, "search"), &bob);
     assert!(other.get("result").is_some(), "{other}");
-    let recs = wait_records(&state, pid, 2);
+    let recs = wait_mcp_records(&state, pid, 2);
     assert_eq!(
         recs[0].decision.as_ref().unwrap().action,
         DecisionAction::RateLimited
@@ -217,19 +195,6 @@ match = {{ exe = "*python*", method = "resources/read" }}
     let limited = tail(&state, &["--decision", "rate_limited"]);
     assert!(String::from_utf8_lossy(&limited.stdout).contains("rate_limited:search-budget"));
     assert_verifies(&state);
-}
-
-/// Waits until `pid` has at least `n` MCP records.
-fn wait_records(state: &Path, pid: u32, n: usize) -> Vec<McpEvent> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let recs = mcp_of(state, pid);
-        if recs.len() >= n || std::time::Instant::now() > deadline {
-            assert!(recs.len() >= n, "{recs:#?}");
-            return recs;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn masking_policy(name: &str, with_rule: bool) -> String {
@@ -269,7 +234,7 @@ fn the_policy_reloads_on_change_and_sighup_and_a_bad_file_keeps_the_old() {
     let policy = work.path().join("policy.toml");
     std::fs::write(&policy, masking_policy("first", true)).unwrap();
     let port = free_port();
-    let _echo = echo_server(port);
+    let _echo = jsonrpc_echo(port);
     let cgroup = TestCgroup::new("policy-reload");
     let state = work.path().join("state");
     let agent = Agent::start_with(
@@ -282,7 +247,7 @@ fn the_policy_reloads_on_change_and_sighup_and_a_bad_file_keeps_the_old() {
     let ticket = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "x", "arguments": {"t": "see T-1234"}}});
     let recorded = |state: &Path| {
         let (pid, _) = post(&cgroup, port, &ticket, &[]);
-        let recs = wait_records(state, pid, 1);
+        let recs = wait_mcp_records(state, pid, 1);
         recs[0].params.as_ref().unwrap()["arguments"]["t"].clone()
     };
     assert_eq!(recorded(&state), "see [MASKED:ticket]");
@@ -386,7 +351,7 @@ match = { tool = "flaky_*" }
     )
     .unwrap();
     let port = free_port();
-    let _echo = echo_server(port);
+    let _echo = jsonrpc_echo(port);
     let cgroup = TestCgroup::new("policy-approvals");
     let state = work.path().join("state");
     let _agent = Agent::start_with(
@@ -416,7 +381,7 @@ match = { tool = "flaky_*" }
         );
         let (pid, answer) = client.join().unwrap();
         assert_eq!(answer["result"]["echo"]["name"], "deploy_api", "{answer}");
-        let recs = wait_records(&state, pid, 2);
+        let recs = wait_mcp_records(&state, pid, 2);
         assert_eq!(
             recs[0].decision.as_ref().unwrap().action,
             DecisionAction::Held
@@ -509,7 +474,7 @@ format = "Bearer {{secret}}"
         ),
     )
     .unwrap();
-    let _echo = echo_server(port);
+    let _echo = jsonrpc_echo(port);
     let cgroup = TestCgroup::new("policy-brokering");
     let state = work.path().join("state");
     let mut agent = Agent::start_logging(
@@ -536,7 +501,7 @@ format = "Bearer {{secret}}"
         answer["result"]["authorization"], "Bearer gw-S3cret-value-42",
         "{answer}"
     );
-    let recs = wait_records(&state, pid, 2);
+    let recs = wait_mcp_records(&state, pid, 2);
     assert_eq!(recs[0].http.brokered, ["authorization"]);
     // The gateway echoed the credential back; the record does not repeat it.
     let out = recs.iter().find(|r| r.result.is_some()).unwrap();
@@ -571,28 +536,15 @@ format = "Bearer {{secret}}"
             mcptrail(&state, &["export", "--format", "jsonl"]).stdout,
         ),
     ];
-    for entry in walk(&state) {
+    for entry in files_under(&state) {
         haystacks.push((entry.display().to_string(), std::fs::read(&entry).unwrap()));
     }
     for (name, hay) in haystacks {
         assert!(
-            !hay.windows(18).any(|w| w == b"gw-S3cret-value-42"),
+            !contains_bytes(&hay, b"gw-S3cret-value-42"),
             "the brokered secret is in {name}"
         );
     }
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 #[test]
@@ -623,7 +575,7 @@ wire = true
     )
     .unwrap();
     let port = free_port();
-    let _echo = echo_server(port);
+    let _echo = jsonrpc_echo(port);
     let cgroup = TestCgroup::new("policy-wire");
     let state = work.path().join("state");
     let _agent = Agent::start_with(
@@ -646,7 +598,7 @@ wire = true
         answer["result"]["echo"]["arguments"]["t"], "see [MASKED:ticket] and O-5678 and café",
         "{answer}"
     );
-    let recs = wait_records(&state, pid, 2);
+    let recs = wait_mcp_records(&state, pid, 2);
     let req = recs.iter().find(|r| r.method.is_some()).unwrap();
     assert!(req.wire_masked);
     assert_eq!(req.masked, ["order", "ticket"]);
@@ -743,7 +695,7 @@ match = { tool = "touch_tools" }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let recs = loop {
-        let recs = mcp_of(&state, pid);
+        let recs = mcp_records(&state, pid);
         let outcomes = recs
             .iter()
             .filter(|r| r.result.is_some() && r.method.is_none())
@@ -823,7 +775,7 @@ wire = true
     )
     .unwrap();
     let (echo_port, sdk_port) = (free_port(), free_port());
-    let _echo = echo_server(echo_port);
+    let _echo = jsonrpc_echo(echo_port);
     let _server = mcp_server(sdk_port, &[]);
     let cgroup = TestCgroup::new("policy-wire-out");
     let state = work.path().join("state");

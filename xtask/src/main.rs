@@ -96,63 +96,48 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             build()?;
             // The connect() benchmark measures the kernel programs: the debug agent is fine.
-            let rounds = if quick { "3" } else { "9" };
-            run_checked(cargo().args([
-                "build",
-                "--package",
-                "mcptrail-tests",
-                "--bin",
-                "bench-connect",
-            ]))?;
-            run_checked(
-                Command::new(target_dir().join("debug").join("bench-connect"))
-                    .env("BENCH_ROUNDS", rounds),
-            )?;
-            run_tests_bin_release("bench-mask", &[])?;
+            let rounds = std::ffi::OsStr::new(if quick { "3" } else { "9" });
+            run_tests_bin("bench-connect", false, &[], &[("BENCH_ROUNDS", rounds)])?;
+            run_tests_bin("bench-mask", true, &[], &[])?;
             // Calls through the agent: the release agent, as it would run in production.
             run_checked(cargo().args(["build", "--release", "--package", "mcptrail"]))?;
             let agent = target_dir().join("release").join("mcptrail");
             let args: &[&str] = if quick { &["--quick"] } else { &[] };
-            run_checked(cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "mcptrail-tests",
-                "--bin",
+            run_tests_bin(
                 "bench-mcp",
-            ]))?;
-            run_checked(
-                Command::new(target_dir().join("release").join("bench-mcp"))
-                    .args(args)
-                    .env("MCPTRAIL_BIN", agent),
+                true,
+                args,
+                &[("MCPTRAIL_BIN", agent.as_os_str())],
             )
         }
         Task::Demo => {
             setup::run()?;
             build()?;
-            run_tests_bin("demo")
+            run_tests_bin("demo", false, &[], &[])
         }
     }
 }
 
-/// Builds and runs one of the tests crate's programs (they drive the real agent binary).
-fn run_tests_bin(name: &str) -> anyhow::Result<()> {
-    run_checked(cargo().args(["build", "--package", "mcptrail-tests", "--bin", name]))?;
-    run_checked(&mut Command::new(target_dir().join("debug").join(name)))
-}
-
-/// Builds and runs a binary of mcptrail-tests with optimisations (for CPU-bound benchmarks,
-/// where a debug build would measure the wrong thing).
-fn run_tests_bin_release(name: &str, args: &[&str]) -> anyhow::Result<()> {
-    run_checked(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "mcptrail-tests",
-        "--bin",
-        name,
-    ]))?;
-    run_checked(Command::new(target_dir().join("release").join(name)).args(args))
+/// Builds and runs one of the tests crate's programs (they drive the real agent binary);
+/// `release` for CPU-bound benchmarks, where a debug build would measure the wrong thing.
+fn run_tests_bin(
+    name: &str,
+    release: bool,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--package", "mcptrail-tests", "--bin", name]);
+    if release {
+        build.arg("--release");
+    }
+    run_checked(&mut build)?;
+    let profile = if release { "release" } else { "debug" };
+    run_checked(
+        Command::new(target_dir().join(profile).join(name))
+            .args(args)
+            .envs(env.iter().copied()),
+    )
 }
 
 /// The fuzz targets of fuzz/Cargo.toml.

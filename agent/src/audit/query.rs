@@ -222,39 +222,24 @@ mod tests {
             prev_hash: String::new(),
             event: Event::Mcp(Box::new(McpEvent {
                 time: time.into(),
-                exchange: "x".into(),
-                direction: Direction::ClientToServer,
                 message: Some(crate::mcp::Kind::Request),
-                process: Process {
-                    pid,
-                    exe: Some(exe.into()),
-                    ..Default::default()
-                },
-                connection: Connection::default(),
-                http: HttpInfo::default(),
                 token: Some(Token {
                     sub: Some("svc-a".into()),
                     ..Default::default()
                 }),
-                jsonrpc_id: None,
                 method: Some(method.into()),
                 name: name.map(Into::into),
-                uri: None,
-                params: None,
-                result: None,
-                error: None,
-                batch: false,
-                masked: Vec::new(),
-                wire_masked: false,
-                decision: None,
-                client_info: None,
-                logical_call: None,
-                round: None,
-                client_closed: false,
-                header_mismatch: None,
-                malformed: None,
-                first_byte_us: None,
-                elapsed_us: None,
+                ..McpEvent::new(
+                    "x".into(),
+                    Direction::ClientToServer,
+                    Process {
+                        pid,
+                        exe: Some(exe.into()),
+                        ..Default::default()
+                    },
+                    Connection::default(),
+                    HttpInfo::default(),
+                )
             })),
         }
     }

@@ -568,6 +568,48 @@ pub struct McpEvent {
     pub elapsed_us: Option<u64>,
 }
 
+impl McpEvent {
+    /// A record of an exchange with nothing said yet about its message: the fields the
+    /// writer fills in as it learns them are empty.
+    pub fn new(
+        exchange: String,
+        direction: Direction,
+        process: Process,
+        connection: Connection,
+        http: HttpInfo,
+    ) -> Self {
+        McpEvent {
+            time: now_rfc3339(),
+            exchange,
+            direction,
+            message: None,
+            process,
+            connection,
+            http,
+            token: None,
+            jsonrpc_id: None,
+            method: None,
+            name: None,
+            uri: None,
+            params: None,
+            result: None,
+            error: None,
+            batch: false,
+            masked: Vec::new(),
+            wire_masked: false,
+            decision: None,
+            client_info: None,
+            logical_call: None,
+            round: None,
+            client_closed: false,
+            header_mismatch: None,
+            malformed: None,
+            first_byte_us: None,
+            elapsed_us: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HttpEvent {
     pub time: String,

@@ -31,8 +31,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/mcptrail";
     about = "Audit MCP traffic on this host: which process, under which token, sent what, and what came back",
     long_about = "mcptrail redirects outbound connections to your MCP gateways through a local \
 proxy with an eBPF program on the cgroup connect hooks, ties every connection to the calling \
-process, records every MCP message it carries (JSON-RPC over HTTP, JSON or SSE) and relays it \
-unchanged, and appends hash-chained records, signed at checkpoints, to a local RocksDB trail. No \
+process and every request to its service token, records every MCP message it carries (JSON-RPC \
+over HTTP, JSON or SSE) masked by the policy, relays it (unchanged unless a policy says \
+otherwise: a denied call, a wire masking rule, a brokered credential), and appends \
+hash-chained records, signed at checkpoints, to a local RocksDB trail. No \
 client needs to be reconfigured.\n\nStart the agent with `mcptrail run` (as root), read the trail \
 with `mcptrail tail`, check it with `mcptrail verify`."
 )]

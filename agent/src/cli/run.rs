@@ -35,9 +35,12 @@ pub const DEFAULT_UPSTREAM_MARK: u32 = 0x6d63_7472;
 /// `mcptrail run --help`.
 pub const LONG_ABOUT: &str = "Run the agent (as root). It loads the eBPF programs, attaches them \
 to the cgroup v2 root (or --cgroup), and from then on every new TCP connection to a target is \
-redirected to the local proxy, which relays it to the gateway and records it. Connections opened \
-before the agent started are not redirected (`mcptrail status` lists them). SIGHUP re-reads \
---targets-file and re-resolves host names without touching open connections. SIGINT or SIGTERM \
+redirected to the local proxy, which attributes it (process, CI job, service token), applies the \
+policy (masking, access rules, approvals, brokered credentials), relays it to the gateway and \
+records it. Connections opened before the agent started are not redirected (`mcptrail status` \
+lists them). SIGHUP re-reads --targets-file and re-resolves host names without touching open \
+connections, and reloads --policy (which is also reloaded when the file changes; a file that \
+does not load keeps the policy in force). SIGINT or SIGTERM \
 stop it; with --fail-mode open (the default) the hooks go with it and traffic goes direct, with \
 --fail-mode closed they stay pinned and calls are refused until an agent runs again.";
 
@@ -57,7 +60,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub resolve_interval: u64,
 
-    /// Policy file; the default is the embedded policies/default.toml.
+    /// Policy file (masking, access rules, identity, brokering); the default is the embedded
+    /// policies/default.toml. Reloaded on SIGHUP and when it changes.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
 

@@ -288,6 +288,22 @@ pub fn parse(bytes: &[u8], source_name: &str) -> Result<Parsed, JwksError> {
     Ok((keys, unnamed))
 }
 
+/// An HTTP/1.1 client connection over `io` (plain or TLS), driven by a task of its own.
+async fn http1<IO>(
+    io: IO,
+) -> Result<
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    hyper::Error,
+>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 async fn fetch(
     uri: &hyper::Uri,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -313,22 +329,11 @@ async fn fetch(
                     .connect(name, stream)
                     .await
                     .map_err(|e| err(format!("TLS: {e}")))?;
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
-                tokio::spawn(conn);
-                sender
+                http1(stream).await
             }
-            None => {
-                let (sender, conn) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
-                tokio::spawn(conn);
-                sender
-            }
-        };
+            None => http1(stream).await,
+        }
+        .map_err(|e| err(e.to_string()))?;
         let authority = uri.authority().map_or(host, |a| a.as_str());
         let req = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header(hyper::header::HOST, authority)

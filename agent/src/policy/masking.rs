@@ -150,6 +150,8 @@ pub struct Masker {
     always: Vec<usize>,
     keys: HashMap<String, usize>,
     hash_key: [u8; 32],
+    /// Some rule has `wire = true` (asked on every request).
+    any_wire: bool,
 }
 
 impl std::fmt::Debug for Masker {
@@ -262,6 +264,7 @@ impl Masker {
             why: e.to_string(),
         })?;
         Ok(Masker {
+            any_wire: rules.iter().any(|r| r.wire),
             rules,
             keywords,
             keyword_rule,
@@ -312,7 +315,7 @@ impl Masker {
     /// Masks with the `wire = true` rules only: what is forwarded.
     pub fn mask_value_wire(&self, value: &mut Value, scope: Scope) -> Masked {
         let mut out = Masked::default();
-        if self.rules.iter().any(|r| r.wire) {
+        if self.any_wire {
             let mut path = Vec::new();
             self.walk(value, scope, true, &mut path, None, &mut out);
         }
@@ -321,7 +324,7 @@ impl Masker {
 
     /// True when some rule also rewrites what is forwarded.
     pub fn has_wire_rules(&self) -> bool {
-        self.rules.iter().any(|r| r.wire)
+        self.any_wire
     }
 
     fn walk(

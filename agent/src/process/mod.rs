@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use agent_common::Origin;
 
-use crate::audit::record::{Ci, Container, Parent, Process};
+use crate::audit::record::{Ci, Parent, Process};
 
 /// Bytes of command line kept; argv beyond this is cut and the record says so.
 pub const CMDLINE_MAX: usize = 4096;
@@ -148,7 +148,7 @@ impl Identifier {
             p.cgroup = self.cgroup_path(origin.cgroup_id);
         }
         if let Some(path) = &p.cgroup {
-            (p.unit, p.container) = classify(path);
+            (p.unit, p.container) = container::classify(path);
         }
         p
     }
@@ -303,10 +303,6 @@ fn walk_cgroups(root: &Path) -> HashMap<u64, String> {
         }
     }
     out
-}
-
-fn classify(path: &str) -> (Option<String>, Option<Container>) {
-    container::classify(path)
 }
 
 /// The command name as the kernel hands it over: NUL-padded bytes.

@@ -162,33 +162,14 @@ impl Conn {
         token: Option<&Token>,
     ) -> McpEvent {
         McpEvent {
-            time: now_rfc3339(),
-            exchange,
-            direction,
-            message: None,
-            process: self.process(),
-            connection: self.connection.clone(),
-            http: http.clone(),
             token: token.cloned(),
-            jsonrpc_id: None,
-            method: None,
-            name: None,
-            uri: None,
-            params: None,
-            result: None,
-            error: None,
-            batch: false,
-            masked: Vec::new(),
-            wire_masked: false,
-            decision: None,
-            client_info: None,
-            logical_call: None,
-            round: None,
-            client_closed: false,
-            header_mismatch: None,
-            malformed: None,
-            first_byte_us: None,
-            elapsed_us: None,
+            ..McpEvent::new(
+                exchange,
+                direction,
+                self.process(),
+                self.connection.clone(),
+                http.clone(),
+            )
         }
     }
 

@@ -26,6 +26,15 @@ use tokio::net::TcpStream;
 /// Bytes of result text the backend answers with (set per phase).
 static PAYLOAD: AtomicUsize = AtomicUsize::new(1024);
 
+/// A runtime with `workers` threads: the client, the backend and the agent share two cores.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 fn quick() -> bool {
     std::env::args().any(|a| a == "--quick")
 }
@@ -38,11 +47,7 @@ fn backend() -> SocketAddr {
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime(1);
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
@@ -148,11 +153,7 @@ async fn one_call(sender: &mut Sender, id: u64, size: usize, sse: bool) -> Durat
 /// Open loop: call i is due at start + i/rate; its latency counts from then, so time spent
 /// waiting for a free connection is latency too.
 fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, size: usize) -> Vec<u64> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(1);
     rt.block_on(async move {
         let conns = 64;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -192,11 +193,7 @@ fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, size: usize) -> Vec<u64> {
 
 /// Closed loop: `conns` connections calling back to back for `secs`: calls per second.
 fn saturation(addr: SocketAddr, conns: usize, secs: u64, size: usize) -> f64 {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(1);
     rt.block_on(async move {
         let end = Instant::now() + Duration::from_secs(secs);
         let mut tasks = Vec::new();
@@ -222,10 +219,7 @@ fn saturation(addr: SocketAddr, conns: usize, secs: u64, size: usize) -> f64 {
 
 /// Time to the first byte of an SSE response, median of `n`, in microseconds.
 fn sse_first_event(addr: SocketAddr, n: usize) -> u64 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(1);
     rt.block_on(async move {
         let mut s = connect(addr).await;
         let mut t: Vec<u64> = Vec::new();
@@ -325,11 +319,7 @@ fn records_per_sec(dir: &Path, sync: bool, writers: usize, secs: u64) -> f64 {
         Durability::Buffered(Duration::from_millis(10))
     });
     let (log, writer) = store.spawn_writer();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(2);
     let rate = rt.block_on(async move {
         let end = Instant::now() + Duration::from_secs(secs);
         let t = Instant::now();
@@ -481,11 +471,7 @@ fn main() {
 
     // 1,000 connections held open through the agent.
     enter(&buffered_cg.path);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime(1);
     let held: Vec<Sender> = rt.block_on(async {
         let mut v = Vec::new();
         for i in 0..1000u64 {
