@@ -57,31 +57,44 @@ pub fn seq_of(key: &[u8]) -> Option<u64> {
 
 /// Every index entry of a record, as (column family, key).
 pub fn entries(record: &Record) -> Vec<(&'static str, Vec<u8>)> {
-    let seq = record.seq;
+    prefixes(&record.event)
+        .into_iter()
+        .map(|(cf, prefix)| (cf, key(&prefix, record.seq)))
+        .collect()
+}
+
+/// The index entries an event will have, as (column family, key without the sequence number):
+/// computed where the event is made, before its sequence number is known.
+pub fn prefixes(event: &Event) -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(record.event.time())
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(event.time())
         && let Some(nanos) = t.timestamp_nanos_opt()
     {
-        out.push((CF_IDX_TIME, key(&time_prefix(nanos), seq)));
+        out.push((CF_IDX_TIME, time_prefix(nanos).to_vec()));
     }
-    if let Some(p) = super::query::process(&record.event) {
-        out.push((CF_IDX_PID, key(&pid_prefix(p.pid), seq)));
+    if let Some(p) = super::query::process(event) {
+        out.push((CF_IDX_PID, pid_prefix(p.pid).to_vec()));
         if let Some(exe) = &p.exe {
-            out.push((CF_IDX_EXE, key(&text_prefix(exe), seq)));
+            out.push((CF_IDX_EXE, text_prefix(exe)));
         }
     }
-    if let Some(sub) = super::query::token(&record.event).and_then(|t| t.sub.as_ref()) {
-        out.push((CF_IDX_SUB, key(&text_prefix(sub), seq)));
+    if let Some(sub) = super::query::token(event).and_then(|t| t.sub.as_ref()) {
+        out.push((CF_IDX_SUB, text_prefix(sub)));
     }
-    if let Event::Mcp(m) = &record.event {
+    if let Event::Mcp(m) = event {
         if let Some(name) = &m.name {
-            out.push((CF_IDX_TOOL, key(&text_prefix(name), seq)));
+            out.push((CF_IDX_TOOL, text_prefix(name)));
         }
         if let Some(session) = &m.http.session_id {
-            out.push((CF_IDX_SESSION, key(&text_prefix(session), seq)));
+            out.push((CF_IDX_SESSION, text_prefix(session)));
         }
     }
     out
+}
+
+/// `prefix || seq`: an index key.
+pub fn key_with_seq(prefix: &[u8], seq: u64) -> Vec<u8> {
+    key(prefix, seq)
 }
 
 #[cfg(test)]

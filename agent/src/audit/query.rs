@@ -357,9 +357,21 @@ mod tests {
                 .event
             })
             .collect();
-        store.append_group(&calls).unwrap();
+        store.append_group(calls).unwrap();
         drop(store);
         let reader = Reader::open(dir.path()).unwrap();
+        // The writer splices each event's JSON after the record's header fields: the bytes
+        // must be what serde makes of the whole record, which is what readers parse.
+        let mut raw = 0;
+        reader
+            .raw_range(1, u64::MAX, |e| {
+                let rec: Record = serde_json::from_slice(&e.bytes).unwrap();
+                assert_eq!(serde_json::to_vec(&rec).unwrap(), e.bytes);
+                raw += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(raw, 3);
         let by = |f: Filter| candidates(&reader, &f).unwrap();
         assert_eq!(by(Filter::default()), None, "nothing to narrow: scan");
         assert_eq!(

@@ -289,11 +289,11 @@ mod tests {
     fn follows_the_writer_and_sees_a_valid_chain() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
-        store.append_group(&[stop("one")]).unwrap();
+        store.append_group([stop("one")]).unwrap();
         let reader = Reader::open(dir.path()).unwrap();
         assert_eq!(reader.last_seq().unwrap(), Some(1));
 
-        store.append_group(&[stop("two"), stop("three")]).unwrap();
+        store.append_group([stop("two"), stop("three")]).unwrap();
         assert_eq!(reader.last_seq().unwrap(), Some(1), "not caught up yet");
         reader.catch_up().unwrap();
         assert_eq!(reader.last_seq().unwrap(), Some(3));

@@ -114,7 +114,8 @@ pub struct Store {
     broken: bool,
     durability: Durability,
     head: Head,
-    host: String,
+    /// This host's name as a JSON string, as every record carries it.
+    host_json: String,
     key: SigningKey,
     policy: CheckpointPolicy,
     /// Sequence number the newest checkpoint covers (0: none yet).
@@ -193,7 +194,7 @@ impl Store {
             broken: false,
             durability: Durability::Sync,
             head,
-            host: hostname(),
+            host_json: serde_json::to_string(&hostname()).expect("strings serialise"),
             key: super::keys::load_or_create(state_dir)?,
             policy: CheckpointPolicy::default(),
             checkpointed,
@@ -461,7 +462,34 @@ impl Store {
     }
 
     /// Seals and durably writes a group of events; returns their sequence numbers.
-    pub fn append_group(&mut self, events: &[Event]) -> Result<Vec<u64>, AuditError> {
+    pub fn append_group(
+        &mut self,
+        events: impl IntoIterator<Item = Event>,
+    ) -> Result<Vec<u64>, AuditError> {
+        let encoded: Vec<Encoded> = events.into_iter().map(|e| Encoded::new(&e)).collect();
+        self.append_encoded(&encoded)
+    }
+
+    /// The bytes of record `seq`: the header fields, then the event's own fields. The same
+    /// bytes as serialising a [`Record`] (a unit test holds them to it).
+    fn record_bytes(&self, seq: u64, prev: &Hash, event: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut out = Vec::with_capacity(event.len() + self.host_json.len() + 120);
+        let _ = write!(
+            out,
+            "{{\"v\":{SCHEMA_VERSION},\"seq\":{seq},\"host\":{},\"prev_hash\":\"{}\",",
+            self.host_json,
+            hex::encode(prev)
+        );
+        // An event is a JSON object that starts with its `kind`: splice its fields in.
+        out.extend_from_slice(&event[1..]);
+        out
+    }
+
+    /// Seals and durably writes a group of encoded events; returns their sequence numbers.
+    /// Only the chain's parts are done here, on the writer thread: encoding happened on the
+    /// callers' threads.
+    fn append_encoded(&mut self, events: &[Encoded]) -> Result<Vec<u64>, AuditError> {
         self.recover()?;
         let records = self.db().cf_handle(CF_RECORDS).expect("records CF opened");
         let chain_cf = self.db().cf_handle(CF_CHAIN).expect("chain CF opened");
@@ -470,20 +498,13 @@ impl Store {
         let mut seqs = Vec::with_capacity(events.len());
         for event in events {
             let seq = head.seq + 1;
-            let record = Record {
-                v: SCHEMA_VERSION,
-                seq,
-                host: self.host.clone(),
-                prev_hash: hex::encode(head.hash),
-                event: event.clone(),
-            };
-            let bytes = serde_json::to_vec(&record).expect("records always serialise");
+            let bytes = self.record_bytes(seq, &head.hash, &event.json);
             let hash = chain::link(&head.hash, seq, &bytes);
             batch.put_cf(&records, seq_key(seq), &bytes);
             batch.put_cf(&chain_cf, seq_key(seq), hash);
-            for (cf, key) in super::index::entries(&record) {
+            for (cf, prefix) in &event.index {
                 let cf = self.db().cf_handle(cf).expect("index CFs opened");
-                batch.put_cf(&cf, key, []);
+                batch.put_cf(&cf, super::index::key_with_seq(prefix, seq), []);
             }
             head = Head { seq, hash };
             seqs.push(seq);
@@ -569,8 +590,25 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// An event made ready for the trail by the thread that produced it: its JSON and its index
+/// keys. At saturation the single writer thread was the agent's busiest; serialising on the
+/// producers' threads leaves it only the chain, and frees each event where it was allocated.
+pub struct Encoded {
+    json: Vec<u8>,
+    index: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl Encoded {
+    pub fn new(event: &Event) -> Self {
+        Encoded {
+            json: serde_json::to_vec(event).expect("events always serialise"),
+            index: super::index::prefixes(event),
+        }
+    }
+}
+
 struct Pending {
-    event: Event,
+    event: Encoded,
     done: oneshot::Sender<Result<u64, String>>,
 }
 
@@ -605,12 +643,13 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<A
             }
             continue;
         }
-        let events: Vec<Event> = group.iter().map(|p| p.event.clone()).collect();
-        match store.append_group(&events) {
+        let (events, dones): (Vec<Encoded>, Vec<_>) =
+            group.drain(..).map(|p| (p.event, p.done)).unzip();
+        match store.append_encoded(&events) {
             Ok(seqs) => {
                 healthy.store(true, Ordering::Relaxed);
-                for (p, seq) in group.drain(..).zip(seqs) {
-                    let _ = p.done.send(Ok(seq));
+                for (done, seq) in dones.into_iter().zip(seqs) {
+                    let _ = done.send(Ok(seq));
                 }
                 if !checkpoints.is_empty() {
                     let r = store.checkpoint_now().map_err(|e| e.to_string());
@@ -621,10 +660,10 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<A
             }
             Err(e) => {
                 healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, records = group.len(), "audit write failed");
+                tracing::error!(error = %e, records = dones.len(), "audit write failed");
                 let msg = e.to_string();
-                for p in group.drain(..) {
-                    let _ = p.done.send(Err(msg.clone()));
+                for done in dones {
+                    let _ = done.send(Err(msg.clone()));
                 }
                 for done in checkpoints.drain(..) {
                     let _ = done.send(Err(msg.clone()));
@@ -655,6 +694,7 @@ impl AuditLog {
     /// Appends one event and waits until it is durable; returns its sequence number.
     pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
+        let event = Encoded::new(&event);
         self.tx
             .send(Request::Append(Box::new(Pending { event, done })))
             .await
@@ -714,7 +754,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
         assert_eq!(store.head(), Head::EMPTY);
-        assert_eq!(store.append_group(&[stop("a"), stop("b")]).unwrap(), [1, 2]);
+        assert_eq!(store.append_group([stop("a"), stop("b")]).unwrap(), [1, 2]);
         let head = store.head();
         drop(store);
 
@@ -723,7 +763,7 @@ mod tests {
         let prev = store.previous_run().unwrap().unwrap();
         assert!(prev.ended_cleanly);
         assert_eq!(prev.last_seq, 2);
-        assert_eq!(store.append_group(&[stop("c")]).unwrap(), [3]);
+        assert_eq!(store.append_group([stop("c")]).unwrap(), [3]);
     }
 
     #[test]

@@ -263,7 +263,7 @@ mod tests {
             every: Duration::from_secs(3600),
         });
         for i in 0..20 {
-            store.append_group(&[stop(i)]).unwrap();
+            store.append_group([stop(i)]).unwrap();
         }
         let key = store.public_key();
         (dir, key)
@@ -459,7 +459,7 @@ mod tests {
                 every: Duration::from_secs(3600),
             });
             for i in 0..10 {
-                store.append_group(&[stop(100 + i)]).unwrap();
+                store.append_group([stop(100 + i)]).unwrap();
             }
             // 30 records, checkpoints at 10, 20, 25, 30: the oldest quarter ends before 8,
             // and there is no checkpoint to cut at before it.
@@ -472,7 +472,7 @@ mod tests {
             let later = chrono::Utc::now().timestamp() + 3600;
             assert_eq!(store.retain_at(&old, later).unwrap(), 30);
             for i in 0..3 {
-                store.append_group(&[stop(200 + i)]).unwrap();
+                store.append_group([stop(200 + i)]).unwrap();
             }
             store.checkpoint_now().unwrap();
         }

@@ -85,6 +85,15 @@ fn throughput(m: &Masker, payloads: &[Value], bytes: usize, naive: bool) -> f64 
     rates[rounds / 2]
 }
 
+/// MiB of JSON per payload size: 32, or BENCH_MASK_MIB (a small value suits `valgrind
+/// --tool=callgrind`, whose instruction counts do not move with the machine's load).
+fn mib() -> usize {
+    std::env::var("BENCH_MASK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+}
+
 fn main() {
     let policy = Policy::embedded_default().expect("the embedded policy loads");
     let masker = policy.masker([7; 32]).expect("the default pack compiles");
@@ -98,7 +107,7 @@ fn main() {
     );
     let mut rng = Lcg(42);
     for kib in [1usize, 16, 256] {
-        let count = (32 * 1024 / kib).max(8);
+        let count = (mib() * 1024 / kib).max(8);
         let payloads: Vec<Value> = (0..count).map(|_| payload(&mut rng, kib)).collect();
         let bytes: usize = payloads.iter().map(|p| p.to_string().len()).sum();
         let fast = throughput(&masker, &payloads, bytes, false);
