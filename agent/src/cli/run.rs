@@ -28,6 +28,8 @@ use crate::proxy::{self, OnAuditFailure, Proxy, Stats};
 pub const DEFAULT_LISTEN_PORT: u16 = 15811;
 /// How often the retention policy is applied.
 const RETENTION_CHECK: Duration = Duration::from_secs(60);
+/// How often freed heap memory goes back to the kernel (`sys::release_free_heap`).
+const HEAP_TRIM: Duration = Duration::from_secs(10);
 /// SO_MARK on the agent's upstream sockets: "mctr" in ASCII. Change it with --upstream-mark if
 /// the host's policy routing already uses this value.
 pub const DEFAULT_UPSTREAM_MARK: u32 = 0x6d63_7472;
@@ -542,6 +544,8 @@ async fn supervise(
     };
     let mut prune = tokio::time::interval(RETENTION_CHECK);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trim = tokio::time::interval(HEAP_TRIM);
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let trigger = tokio::select! {
             _ = term.recv() => return Ok("SIGTERM"),
@@ -560,6 +564,11 @@ async fn supervise(
                     policy_stamp = stamp;
                     reload_policy(path, "file-change", live, audit).await?;
                 }
+                continue;
+            }
+            _ = trim.tick() => {
+                // Off the runtime's threads: with a large heap the walk takes milliseconds.
+                let _ = tokio::task::spawn_blocking(crate::sys::release_free_heap).await;
                 continue;
             }
             _ = tick.tick(), if args.resolve_interval > 0 => "re-resolve",
