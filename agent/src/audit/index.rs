@@ -43,7 +43,8 @@ pub fn text_prefix(text: &str) -> Vec<u8> {
     k
 }
 
-fn key(prefix: &[u8], seq: u64) -> Vec<u8> {
+/// `prefix || seq`: an index key.
+pub fn key_with_seq(prefix: &[u8], seq: u64) -> Vec<u8> {
     let mut k = prefix.to_vec();
     k.extend_from_slice(&seq.to_be_bytes());
     k
@@ -59,7 +60,7 @@ pub fn seq_of(key: &[u8]) -> Option<u64> {
 pub fn entries(record: &Record) -> Vec<(&'static str, Vec<u8>)> {
     prefixes(&record.event)
         .into_iter()
-        .map(|(cf, prefix)| (cf, key(&prefix, record.seq)))
+        .map(|(cf, prefix)| (cf, key_with_seq(&prefix, record.seq)))
         .collect()
 }
 
@@ -90,11 +91,6 @@ pub fn prefixes(event: &Event) -> Vec<(&'static str, Vec<u8>)> {
         }
     }
     out
-}
-
-/// `prefix || seq`: an index key.
-pub fn key_with_seq(prefix: &[u8], seq: u64) -> Vec<u8> {
-    key(prefix, seq)
 }
 
 #[cfg(test)]

@@ -630,7 +630,23 @@ async fn handle(
         };
     }
 
-    if let Some(decision) = refused {
+    // Refused by a rule, or held for an operator who then says no (or never answers).
+    let refusal = match (refused, held) {
+        (Some(decision), _) => Some(decision),
+        (None, Some((decision, exchange, method, name))) => {
+            let call = HeldCall {
+                decision: &decision,
+                exchange,
+                method,
+                name,
+                process: &caller_process,
+                token: token.as_ref(),
+            };
+            hold_for_approval(&conn, call).await.err()
+        }
+        (None, None) => None,
+    };
+    if let Some(refusal) = refusal {
         return refuse_by_policy(
             &conn,
             &http,
@@ -638,33 +654,10 @@ async fn handle(
             &session,
             pending,
             in_batch,
-            decision,
+            refusal,
             t0,
         )
         .await;
-    }
-    if let Some((decision, exchange, method, name)) = held {
-        let call = HeldCall {
-            decision: &decision,
-            exchange,
-            method,
-            name,
-            process: &caller_process,
-            token: token.as_ref(),
-        };
-        if let Err(refusal) = hold_for_approval(&conn, call).await {
-            return refuse_by_policy(
-                &conn,
-                &http,
-                token.as_ref(),
-                &session,
-                pending,
-                in_batch,
-                refusal,
-                t0,
-            )
-            .await;
-        }
     }
 
     if let Some(rewritten) = wire_body {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use mcptrail_tests::{Agent, TestCgroup, require_root};
+use mcptrail_tests::{Agent, TestCgroup, contains_bytes, require_root};
 use tokio::net::TcpStream;
 
 /// Bytes of result text the backend answers with (set per phase).
@@ -165,7 +165,11 @@ async fn one_call(sender: &mut Sender, id: u64, size: usize, sse: bool) -> Durat
     while let Some(frame) = body.frame().await {
         let frame = frame.unwrap();
         // The first SSE event with data (the progress notification), not a priming `retry:`.
-        if first.is_none() && frame.data_ref().is_some_and(|d| contains(d, b"data:")) {
+        if first.is_none()
+            && frame
+                .data_ref()
+                .is_some_and(|d| contains_bytes(d, b"data:"))
+        {
             first = Some(t.elapsed());
         }
     }
@@ -255,6 +259,21 @@ fn saturation(addr: SocketAddr, conns: usize, secs: u64, size: usize) -> (f64, u
     })
 }
 
+/// Runs `run` (which returns its result and the calls it made) from inside the set-up's
+/// cgroup; with the set-up's agent, also that agent's own CPU time per call in microseconds
+/// (user and system, all threads): what a call costs the agent, whatever the client and the
+/// server take of the same two cores. 0 for the direct path.
+fn in_setup<T>(cg: &TestCgroup, agent: Option<u32>, run: impl FnOnce() -> (T, u64)) -> (T, f64) {
+    enter(&cg.path);
+    let before = agent.map(cpu_secs);
+    let (out, calls) = run();
+    let cpu = match (agent, before) {
+        (Some(pid), Some(b)) => (cpu_secs(pid) - b) * 1e6 / calls.max(1) as f64,
+        _ => 0.0,
+    };
+    (out, cpu)
+}
+
 /// CPU time (user + system, all threads) that process `pid` has used, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -287,10 +306,6 @@ fn sse_first_event(addr: SocketAddr, n: usize) -> u64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 fn pct(sorted: &[u64], p: f64) -> u64 {
@@ -446,31 +461,17 @@ fn main() {
     let sync_cg = TestCgroup::new("mcp-sync");
     let plain_cg = TestCgroup::new("mcp-nomask");
     let target = [addr.to_string()];
-    let buffered = Agent::start_with(
-        &work.path().join("b"),
-        &buffered_cg,
-        &target,
-        &["--durability", "buffered"],
-        false,
-    );
-    let sync = Agent::start_with(
-        &work.path().join("s"),
-        &sync_cg,
-        &target,
-        &["--durability", "sync"],
-        false,
-    );
-    let plain = Agent::start_with(
-        &work.path().join("n"),
+    // A release agent with its own state directory under `work`, redirecting `cg`.
+    let start = |dir: &str, cg: &TestCgroup, extra: &[&str]| {
+        Agent::start_with(&work.path().join(dir), cg, &target, extra, false)
+    };
+    let buffered = start("b", &buffered_cg, &["--durability", "buffered"]);
+    let sync = start("s", &sync_cg, &["--durability", "sync"]);
+    let nomask_arg = nomask.to_str().unwrap();
+    let plain = start(
+        "n",
         &plain_cg,
-        &target,
-        &[
-            "--durability",
-            "buffered",
-            "--policy",
-            nomask.to_str().unwrap(),
-        ],
-        false,
+        &["--durability", "buffered", "--policy", nomask_arg],
     );
     let idle_rss = rss_kib(buffered.pid());
     let setups: [(&str, &TestCgroup, Option<u32>); 4] = [
@@ -507,13 +508,11 @@ fn main() {
             let mut m: Vec<Vec<[f64; 4]>> = vec![Vec::new(); setups.len()];
             for _ in 0..rounds {
                 for (k, (_, cg, agent)) in setups.iter().enumerate() {
-                    enter(&cg.path);
-                    let before = agent.map(cpu_secs);
-                    let lat = fixed_rate(addr, rate, secs, size);
-                    let cpu = match (agent, before) {
-                        (Some(pid), Some(b)) => (cpu_secs(*pid) - b) * 1e6 / lat.len() as f64,
-                        _ => 0.0,
-                    };
+                    let (lat, cpu) = in_setup(cg, *agent, || {
+                        let lat = fixed_rate(addr, rate, secs, size);
+                        let calls = lat.len() as u64;
+                        (lat, calls)
+                    });
                     m[k].push([
                         pct(&lat, 0.5) as f64,
                         pct(&lat, 0.99) as f64,
@@ -549,16 +548,7 @@ fn main() {
     let mut sat: Vec<Vec<(f64, f64)>> = vec![Vec::new(); setups.len()];
     for _ in 0..rounds {
         for (k, (_, cg, agent)) in setups.iter().enumerate() {
-            enter(&cg.path);
-            let before = agent.map(cpu_secs);
-            let (r, calls) = saturation(addr, 32, secs, 1024);
-            // The agent's own CPU time (all threads, user + system) per call: what a call
-            // costs the agent, whatever the client and the server take of the same two cores.
-            let cpu = match (agent, before) {
-                (Some(pid), Some(b)) => (cpu_secs(*pid) - b) * 1e6 / calls as f64,
-                _ => 0.0,
-            };
-            sat[k].push((r, cpu));
+            sat[k].push(in_setup(cg, *agent, || saturation(addr, 32, secs, 1024)));
         }
     }
     let direct_rate = median(sat[0].iter().map(|x| x.0).collect());
@@ -591,13 +581,7 @@ fn main() {
     // 1,000 connections held open through a fresh agent (buffered, masking), so that what
     // the allocator kept from the runs above does not count.
     let mem_cg = TestCgroup::new("mcp-memory");
-    let mem = Agent::start_with(
-        &work.path().join("m"),
-        &mem_cg,
-        &target,
-        &["--durability", "buffered"],
-        false,
-    );
+    let mem = start("m", &mem_cg, &["--durability", "buffered"]);
     let fresh_rss = rss_kib(mem.pid());
     // The agent hands freed heap back to the kernel every 10 s: wait for that.
     std::thread::sleep(Duration::from_secs(11));
