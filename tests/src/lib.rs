@@ -2,7 +2,7 @@
 //! and clients. The tests run as root and fail, never skip, when something cannot be set up.
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read as _, Seek as _, SeekFrom};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -191,14 +191,89 @@ pub fn mcp_python() -> PathBuf {
     python
 }
 
-/// A file in tests/fixtures.
+/// The tests crate's folder (tests/ in the clone, the one holding `fixtures/`); every fixture
+/// lookup goes through it. In order:
+///
+/// 1. `$MCPTRAIL_TESTS_DIR`, which xtask sets for the programs it starts (`cargo xtask demo`
+///    and `bench`, and the demo `cargo xtask test` runs). When set it must hold `fixtures/`.
+/// 2. The run-time `$CARGO_MANIFEST_DIR`, if it holds `fixtures/`: `cargo test` sets it to
+///    this crate's folder in the clone being tested, right even when a shared target
+///    directory (CI: a fresh clone each time, one CARGO_TARGET_DIR) holds a binary compiled
+///    in another clone. Under `cargo run` of another package it names that package (`cargo
+///    xtask` is `cargo run --package xtask`, and xtask's children inherit its environment),
+///    which has no `fixtures/`: skipped.
+/// 3. The compile-time `CARGO_MANIFEST_DIR`, if it holds `fixtures/`: a program started
+///    directly, in the clone it was built in.
+pub fn tests_dir() -> PathBuf {
+    fn has_fixtures(dir: &Path) -> bool {
+        dir.join("fixtures").is_dir()
+    }
+    if let Some(dir) = std::env::var_os("MCPTRAIL_TESTS_DIR") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            has_fixtures(&dir),
+            "MCPTRAIL_TESTS_DIR={} has no fixtures/ folder: it should name the tests/ folder of the clone",
+            dir.display()
+        );
+        return dir;
+    }
+    let candidates: Vec<PathBuf> = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from(env!("CARGO_MANIFEST_DIR"))])
+        .collect();
+    match candidates.iter().find(|dir| has_fixtures(dir)) {
+        Some(dir) => dir.clone(),
+        None => panic!(
+            "the tests' fixtures/ folder is in none of {candidates:?}: set MCPTRAIL_TESTS_DIR to the tests/ folder of the clone, or start this through cargo test or cargo xtask"
+        ),
+    }
+}
+
+/// A file in tests/fixtures (see `tests_dir` for where that is).
 pub fn fixture(name: &str) -> PathBuf {
-    // `cargo test` sets it at run time too: right even for a binary built in another clone
-    // that shares the target directory.
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
-        .join("fixtures")
-        .join(name)
+    let path = tests_dir().join("fixtures").join(name);
+    assert!(path.exists(), "the fixture {} is missing", path.display());
+    path
+}
+
+/// Starts a server and waits until something accepts on `addr`. Its stderr goes to an
+/// anonymous temporary file, read only when the server does not come up: quiet when all is
+/// well, and when it exits first or nothing listens within `within`, the failure quotes what
+/// it printed (a missing file, a Python traceback, a port in use).
+fn start_server(cmd: &mut Command, what: &str, addr: &str, within: Duration) -> Reaped {
+    let mut log = tempfile::tempfile().expect("a temporary file for a server's stderr");
+    let child_stderr = log.try_clone().expect("duplicating a file descriptor");
+    let child = cmd
+        .stderr(Stdio::from(child_stderr))
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what} ({cmd:?}): {e}"));
+    let mut server = Reaped(child);
+    let mut printed = || {
+        let mut bytes = Vec::new();
+        let _ = log.seek(SeekFrom::Start(0));
+        let _ = log.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let deadline = Instant::now() + within;
+    while TcpStream::connect(addr).is_err() {
+        if let Some(status) = server.0.try_wait().expect("polling a child") {
+            panic!(
+                "nothing listens on {addr}: {what} exited with {status}; its stderr:\n{}",
+                printed()
+            );
+        }
+        if Instant::now() >= deadline {
+            let _ = server.0.kill();
+            let _ = server.0.wait();
+            panic!(
+                "nothing listens on {addr}: {what} did not listen within {within:?}; its stderr:\n{}",
+                printed()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
 }
 
 /// A plain JSON-RPC echo server (tests/fixtures/jsonrpc_echo.py) on 127.0.0.1:`port`.
@@ -214,18 +289,18 @@ pub fn jsonrpc_echo(port: u16) -> Reaped {
 }
 
 /// The official SDK's MCP server (tests/fixtures/mcp_server.py) on 127.0.0.1:`port`.
+/// Its stderr is quoted if it does not come up (see `start_server`).
 pub fn mcp_server(port: u16, extra: &[&str]) -> Reaped {
-    let child = Command::new(mcp_python())
-        .arg(fixture("mcp_server.py"))
-        .arg(port.to_string())
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting the MCP server");
-    let server = Reaped(child);
-    wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(20));
-    server
+    start_server(
+        Command::new(mcp_python())
+            .arg(fixture("mcp_server.py"))
+            .arg(port.to_string())
+            .args(extra)
+            .stdout(Stdio::null()),
+        "the MCP server (tests/fixtures/mcp_server.py)",
+        &format!("127.0.0.1:{port}"),
+        Duration::from_secs(20),
+    )
 }
 
 /// The test client in tests/fixtures/tcp_client.py.

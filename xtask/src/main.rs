@@ -34,7 +34,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, check formatting and clippy, build, and run every test, the root eBPF ones
-    /// included.
+    /// included, then the demo.
     Test,
     /// Set up, build, and run the benchmarks (root): each compares against the direct path in
     /// the same run and reports ratios. See BENCHMARKS.md.
@@ -133,15 +133,20 @@ fn run_tests_bin(
     }
     run_checked(&mut build)?;
     let profile = if release { "release" } else { "debug" };
+    // The program finds its fixtures through MCPTRAIL_TESTS_DIR (mcptrail_tests::tests_dir).
+    // CARGO_MANIFEST_DIR, which `cargo run` set for this xtask process, names xtask/, not the
+    // tests crate: it is not passed on.
     run_checked(
         Command::new(target_dir().join(profile).join(name))
             .args(args)
+            .env_remove("CARGO_MANIFEST_DIR")
+            .env("MCPTRAIL_TESTS_DIR", workspace_root().join("tests"))
             .envs(env.iter().copied()),
     )
 }
 
 /// The fuzz targets of fuzz/Cargo.toml.
-pub const FUZZ_TARGETS: [&str; 2] = ["jsonrpc_classify", "sse_decode"];
+pub const FUZZ_TARGETS: [&str; 3] = ["jsonrpc_classify", "sse_decode", "request_plan"];
 
 /// Runs one fuzz target for `seconds`, from its committed seeds (fuzz/seeds/TARGET) and the
 /// corpus it has grown (fuzz/corpus/TARGET, not committed).

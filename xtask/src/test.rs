@@ -1,7 +1,7 @@
-//! `cargo xtask test`: formatting, lints (host and BPF), build, every test.
+//! `cargo xtask test`: formatting, lints (host and BPF), build, every test, and the demo.
 use anyhow::bail;
 
-use crate::{build, cargo, run_checked};
+use crate::{build, cargo, run_checked, run_tests_bin};
 
 pub fn run() -> anyhow::Result<()> {
     if !is_root() {
@@ -49,6 +49,10 @@ pub fn run() -> anyhow::Result<()> {
             .args(["test", "--workspace", "--exclude", "agent-ebpf"])
             .env("MCPTRAIL_BIN", &bin),
     )?;
+    // The demo, exactly as `cargo xtask demo` starts it (a few seconds): the README's first
+    // look cannot break unnoticed. The tests above find their fixtures through cargo test's
+    // CARGO_MANIFEST_DIR, the demo through what run_tests_bin sets.
+    run_tests_bin("demo", false, &[], &[])?;
     Ok(())
 }
 

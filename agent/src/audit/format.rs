@@ -216,6 +216,7 @@ fn status_word(s: Status) -> &'static str {
         Status::UpstreamConnectFailed => "upstream_connect_failed",
         Status::RelayError => "relay_error",
         Status::AgentShutdown => "agent_shutdown",
+        Status::Refused => "refused",
     }
 }
 
@@ -290,6 +291,7 @@ mod tests {
                 status: Status::Closed,
                 detail: None,
             },
+            protocol: Some("http1".into()),
         }))));
         assert_eq!(
             line,

@@ -72,6 +72,10 @@ pub enum AuditError {
     BadChain(u64),
     #[error("signing key {path}: {why}")]
     Key { path: PathBuf, why: String },
+    #[error(
+        "the audit trail is closed after a write error and could not be reopened yet: free disk space or fix the state directory (see the agent's log); the agent retries at the next write"
+    )]
+    Closed,
     #[error("the audit writer could not store the record: {0}")]
     Rejected(String),
     #[error(

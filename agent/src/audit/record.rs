@@ -324,6 +324,9 @@ pub enum Status {
     RelayError,
     /// The agent stopped while the connection was open.
     AgentShutdown,
+    /// The proxy refused the connection: its protocol could not be told in time, or it is
+    /// one the proxy cannot check and the policy refuses those (`[gateway] opaque`).
+    Refused,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -358,6 +361,10 @@ pub struct ConnectionEvent {
     pub timing: Timing,
     pub bytes: Bytes,
     pub outcome: Outcome,
+    /// What the client spoke, as its first bytes told: `http1`, `tls`, `h2c` or `opaque`
+    /// (absent when it sent nothing, or too little to tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

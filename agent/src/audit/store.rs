@@ -3,7 +3,8 @@
 //! All appends go through one thread that owns the chain head. It takes every record waiting
 //! in its queue, seals them (sequence number, previous hash), and writes them in one
 //! RocksDB batch with a synced WAL: one fsync covers a whole group of concurrent writers, and
-//! a caller is told its sequence number only once its record is durable.
+//! a caller is told its sequence number only once its record is durable. Retention runs beside
+//! it on a thread of its own: it touches only records below the head, and appends do not wait.
 #![forbid(unsafe_code)]
 
 use std::fs;
@@ -107,7 +108,7 @@ pub fn retention_cutoff(
 
 pub struct Store {
     path: PathBuf,
-    /// None only while being reopened after a write error.
+    /// None after a write error until a reopen succeeds.
     db: Option<Arc<DB>>,
     /// A write failed: RocksDB refuses further writes until the store is reopened, which the
     /// next write tries (so that freeing disk space is enough to recover).
@@ -121,6 +122,18 @@ pub struct Store {
     /// Sequence number the newest checkpoint covers (0: none yet).
     checkpointed: u64,
     checkpointed_at: Instant,
+    /// Retention running on a thread of its own, if it is; the thread answers whether its write
+    /// failed (the store must then be reopened, as after a failed append).
+    retention: Option<std::thread::JoinHandle<bool>>,
+    #[cfg(test)]
+    retention_hook: Option<RetentionHook>,
+}
+
+/// Holds the next retention job at its start until the test lets it go.
+#[cfg(test)]
+struct RetentionHook {
+    started: oneshot::Sender<()>,
+    release: oneshot::Receiver<()>,
 }
 
 /// Makes the state directory (0700, root only) and returns the trail's folder in it.
@@ -206,18 +219,30 @@ impl Store {
             policy: CheckpointPolicy::default(),
             checkpointed,
             checkpointed_at: Instant::now(),
+            retention: None,
+            #[cfg(test)]
+            retention_hook: None,
         })
     }
 
-    fn db(&self) -> &DB {
-        self.db.as_ref().expect("the store is open")
+    /// The open database; `Closed` after a write error until a reopen succeeds.
+    fn db(&self) -> Result<&DB, AuditError> {
+        self.db.as_deref().ok_or(AuditError::Closed)
     }
 
-    /// After a failed write: close and reopen the store, finding the head again.
+    /// After a failed write: close and reopen the store, finding the head again. If the open
+    /// fails the store stays closed and `broken`, and the next write tries again.
     fn recover(&mut self) -> Result<(), AuditError> {
+        self.reap_retention();
         if !self.broken {
             return Ok(());
         }
+        if self.retention.is_some() {
+            // The job's handle keeps RocksDB's LOCK, so a reopen now would fail; the first
+            // write after the job ends reopens instead.
+            return Err(AuditError::Closed);
+        }
+        // Closed before opening again: RocksDB allows one primary per folder.
         self.db = None;
         let db = DB::open_cf_descriptors(&db_options(), &self.path, cf_descriptors()).map_err(
             |source| AuditError::Open {
@@ -238,7 +263,7 @@ impl Store {
     fn write(&mut self, batch: WriteBatch, sync: bool) -> Result<(), AuditError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        let r = self.db().write_opt(batch, &wo).map_err(AuditError::Write);
+        let r = self.db()?.write_opt(batch, &wo).map_err(AuditError::Write);
         if r.is_err() {
             self.broken = true;
         }
@@ -251,8 +276,10 @@ impl Store {
             return;
         };
         // Holds only a weak handle: when the store closes (or reopens), this one ends.
-        let db = Arc::downgrade(self.db.as_ref().expect("the store is open"));
-        std::thread::Builder::new()
+        let Some(db) = self.db.as_ref().map(Arc::downgrade) else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
             .name("audit-wal-sync".into())
             .spawn(move || {
                 while let Some(db) = db.upgrade() {
@@ -262,8 +289,12 @@ impl Store {
                     drop(db);
                     std::thread::sleep(window);
                 }
-            })
-            .expect("spawning the WAL sync thread");
+            });
+        // This runs on the writer thread at a reopen, which must not panic: records still go
+        // to the WAL, synced only when RocksDB flushes.
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the audit WAL sync thread");
+        }
     }
 
     pub fn set_durability(&mut self, durability: Durability) {
@@ -284,9 +315,9 @@ impl Store {
                 || self.checkpointed_at.elapsed() >= self.policy.every)
     }
 
-    fn put_checkpoint(&self, batch: &mut WriteBatch, head: &Head) {
+    fn put_checkpoint(&self, batch: &mut WriteBatch, head: &Head) -> Result<(), AuditError> {
         let cf = self
-            .db()
+            .db()?
             .cf_handle(CF_CHECKPOINTS)
             .expect("checkpoints CF opened");
         let cp = Checkpoint::sign(&self.key, head.seq, &head.hash, now_rfc3339());
@@ -295,11 +326,12 @@ impl Store {
             seq_key(head.seq),
             serde_json::to_vec(&cp).expect("checkpoints serialise"),
         );
+        Ok(())
     }
 
     /// Removes the records that `retention` lets go, up to the newest checkpoint before its
     /// cutoff, and leaves a signed anchor so that the rest still verifies. Returns how many
-    /// records went.
+    /// records went. On this thread: the writer runs it on one of its own (`start_retention`).
     pub fn retain(&mut self, retention: &Retention) -> Result<u64, AuditError> {
         self.retain_at(retention, chrono::Utc::now().timestamp())
     }
@@ -307,118 +339,87 @@ impl Store {
     /// `retain` as if it were `now` (unix seconds).
     pub fn retain_at(&mut self, retention: &Retention, now: i64) -> Result<u64, AuditError> {
         self.recover()?;
-        if retention.max_age.is_none() && retention.max_bytes.is_none() {
-            return Ok(0);
+        let r = retain_in(self.db()?, &self.path, &self.key, retention, now);
+        if matches!(r, Err(AuditError::Write(_))) {
+            self.broken = true;
         }
-        let records = self.db().cf_handle(CF_RECORDS).expect("records CF opened");
-        let time_of = |key: &[u8], value: &[u8]| {
-            let seq = key_seq(key)?;
-            let rec = serde_json::from_slice::<Record>(value).ok()?;
-            let t = chrono::DateTime::parse_from_rfc3339(rec.event.time())
-                .map(|t| t.timestamp())
-                .unwrap_or(0);
-            Some((seq, t))
+        r
+    }
+
+    /// Applies `retention` on a thread of its own, which answers `done`: its reads, range
+    /// deletes, anchor and compaction all lie below the head, so appends go on meanwhile.
+    fn start_retention(
+        &mut self,
+        retention: Retention,
+        done: oneshot::Sender<Result<u64, String>>,
+    ) {
+        if let Err(e) = self.recover() {
+            let _ = done.send(Err(e.to_string()));
+            return;
+        }
+        // One job at a time. A request while one runs is answered at once with nothing removed
+        // rather than queued behind it: the next check (every minute) takes what is left.
+        if self.retention.is_some() || retention == Retention::default() {
+            let _ = done.send(Ok(0));
+            return;
+        }
+        let Some(db) = self.db.clone() else {
+            let _ = done.send(Err(AuditError::Closed.to_string()));
+            return;
         };
-        // Only the part that may go is read, oldest first, up to the first record young
-        // enough to keep (the cutoff); then the newest record, for the span. Retention runs
-        // every minute, so its cost follows what it removes, not the size of the trail.
-        let oldest_kept = retention.max_age.map(|age| now - age.as_secs() as i64);
-        let mut times = Vec::new();
-        for item in self.db().iterator_cf(&records, IteratorMode::Start) {
-            let (key, value) = item.map_err(AuditError::Read)?;
-            let Some((seq, t)) = time_of(&key, &value) else {
-                continue;
-            };
-            times.push((seq, t));
-            if oldest_kept.is_none_or(|o| t >= o) {
-                break;
-            }
-        }
-        if let Some(item) = self.db().iterator_cf(&records, IteratorMode::End).next() {
-            let (key, value) = item.map_err(AuditError::Read)?;
-            if let Some(newest) = time_of(&key, &value)
-                && times.last().is_some_and(|l| l.0 < newest.0)
-            {
-                times.push(newest);
-            }
-        }
-        let size = dir_size(&self.path);
-        let Some(cutoff) = retention_cutoff(&times, now, size, retention) else {
-            return Ok(0);
-        };
-        tracing::info!(
-            cutoff,
-            size,
-            records = times.last().map_or(0, |l| l.0) - times.first().map_or(0, |f| f.0) + 1,
-            "retention: records before the cutoff may go"
-        );
-        // The cut goes at a signed checkpoint: the anchor then vouches for a hash that was
-        // signed while the records it covers still existed.
-        let checkpoints = self
-            .db()
-            .cf_handle(CF_CHECKPOINTS)
-            .expect("checkpoints CF opened");
-        let mut anchor_at = None;
-        for item in self.db().iterator_cf(
-            &checkpoints,
-            IteratorMode::From(&seq_key(cutoff), rocksdb::Direction::Reverse),
-        ) {
-            let (key, value) = item.map_err(AuditError::Read)?;
-            let Some(seq) = key_seq(&key) else { continue };
-            if seq >= cutoff {
-                continue;
-            }
-            if let Ok(cp) = serde_json::from_slice::<Checkpoint>(&value) {
-                anchor_at = Some(cp);
-                break;
-            }
-        }
-        let Some(cp) = anchor_at else {
-            return Ok(0);
-        };
-        let hash: Hash = hex::decode(&cp.hash)
-            .ok()
-            .and_then(|h| h.try_into().ok())
-            .ok_or(AuditError::BadChain(cp.seq))?;
-        let anchor = Checkpoint::sign_anchor(&self.key, cp.seq, &hash, now_rfc3339());
-        let chain_cf = self.db().cf_handle(CF_CHAIN).expect("chain CF opened");
-        let meta = self.db().cf_handle(CF_META).expect("meta CF opened");
-        let (from, to) = (seq_key(0), seq_key(cp.seq + 1));
-        let mut batch = WriteBatch::default();
-        // Index entries of the records that go.
-        for item in self.db().iterator_cf(&records, IteratorMode::Start) {
-            let (key, value) = item.map_err(AuditError::Read)?;
-            if key_seq(&key).is_none_or(|s| s > cp.seq) {
-                break;
-            }
-            if let Ok(rec) = serde_json::from_slice::<Record>(&value) {
-                for (cf, key) in super::index::entries(&rec) {
-                    let cf = self.db().cf_handle(cf).expect("index CFs opened");
-                    batch.delete_cf(&cf, key);
+        let (path, key) = (self.path.clone(), self.key.clone());
+        let now = chrono::Utc::now().timestamp();
+        #[cfg(test)]
+        let hook = self.retention_hook.take();
+        // `done` is handed over once the thread runs, so that a failure to start it can still
+        // be answered here.
+        let (hand, take) = std::sync::mpsc::sync_channel::<oneshot::Sender<_>>(1);
+        let spawned = std::thread::Builder::new()
+            .name("audit-retention".into())
+            .spawn(move || {
+                let Ok(done) = take.recv() else {
+                    return false;
+                };
+                #[cfg(test)]
+                if let Some(hook) = hook {
+                    let _ = hook.started.send(());
+                    let _ = hook.release.blocking_recv();
                 }
+                let r = retain_in(&db, &path, &key, &retention, now);
+                let write_failed = matches!(r, Err(AuditError::Write(_)));
+                let _ = done.send(r.map_err(|e| e.to_string()));
+                write_failed
+            });
+        match spawned {
+            Ok(job) => {
+                let _ = hand.send(done);
+                self.retention = Some(job);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the audit retention thread");
+                let _ = done.send(Err(format!("cannot start the retention thread: {e}")));
             }
         }
-        batch.delete_range_cf(&records, from, to);
-        batch.delete_range_cf(&chain_cf, from, to);
-        batch.delete_range_cf(&checkpoints, from, to);
-        batch.put_cf(
-            &meta,
-            META_ANCHOR,
-            serde_json::to_vec(&anchor).expect("anchors serialise"),
-        );
-        self.write(batch, true)?;
-        // Give the space back now rather than at the next compaction.
-        for name in [CF_RECORDS, CF_CHAIN] {
-            let cf = self.db().cf_handle(name).expect("CF opened");
-            self.db().compact_range_cf(&cf, None::<&[u8]>, Some(&to));
+    }
+
+    /// Takes in a retention job that has ended, if there is one.
+    fn reap_retention(&mut self) {
+        if self.retention.as_ref().is_some_and(|job| job.is_finished()) {
+            self.join_retention();
         }
-        let removed = times.iter().filter(|(s, _)| *s <= cp.seq).count() as u64;
-        tracing::info!(
-            removed,
-            through = cp.seq,
-            "retention removed old records; a signed anchor keeps the rest verifiable"
-        );
-        Ok(removed)
+    }
+
+    /// Waits for the retention job, if one runs; one whose write failed leaves the store to be
+    /// reopened, as a failed append does.
+    fn join_retention(&mut self) {
+        let Some(job) = self.retention.take() else {
+            return;
+        };
+        match job.join() {
+            Ok(write_failed) => self.broken |= write_failed,
+            // Its batch was written whole or not at all; the trail is as it was or cut.
+            Err(_) => tracing::error!("the audit retention thread panicked"),
+        }
     }
 
     /// Signs a checkpoint of the head now, if anything was written since the last one.
@@ -429,7 +430,7 @@ impl Store {
         }
         let mut batch = WriteBatch::default();
         let head = self.head;
-        self.put_checkpoint(&mut batch, &head);
+        self.put_checkpoint(&mut batch, &head)?;
         self.write(batch, true)?;
         self.checkpointed = head.seq;
         self.checkpointed_at = Instant::now();
@@ -445,9 +446,9 @@ impl Store {
         if self.head.seq == 0 {
             return Ok(None);
         }
-        let records = self.db().cf_handle(CF_RECORDS).expect("records CF opened");
-        let bytes = self
-            .db()
+        let db = self.db()?;
+        let records = db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let bytes = db
             .get_cf(&records, seq_key(self.head.seq))
             .map_err(AuditError::Read)?
             .ok_or(AuditError::BadChain(self.head.seq))?;
@@ -498,8 +499,9 @@ impl Store {
     /// callers' threads.
     fn append_encoded(&mut self, events: &[Encoded]) -> Result<Vec<u64>, AuditError> {
         self.recover()?;
-        let records = self.db().cf_handle(CF_RECORDS).expect("records CF opened");
-        let chain_cf = self.db().cf_handle(CF_CHAIN).expect("chain CF opened");
+        let db = self.db()?;
+        let records = db.cf_handle(CF_RECORDS).expect("records CF opened");
+        let chain_cf = db.cf_handle(CF_CHAIN).expect("chain CF opened");
         let mut batch = WriteBatch::default();
         let mut head = self.head;
         let mut seqs = Vec::with_capacity(events.len());
@@ -510,7 +512,7 @@ impl Store {
             batch.put_cf(&records, seq_key(seq), &bytes);
             batch.put_cf(&chain_cf, seq_key(seq), hash);
             for (cf, prefix) in &event.index {
-                let cf = self.db().cf_handle(cf).expect("index CFs opened");
+                let cf = db.cf_handle(cf).expect("index CFs opened");
                 batch.put_cf(&cf, super::index::key_with_seq(prefix, seq), []);
             }
             head = Head { seq, hash };
@@ -518,7 +520,7 @@ impl Store {
         }
         let checkpoint = self.checkpoint_due(&head);
         if checkpoint {
-            self.put_checkpoint(&mut batch, &head);
+            self.put_checkpoint(&mut batch, &head)?;
         }
         self.write(batch, self.durability == Durability::Sync)?;
         // Only advance once durable: a failed batch leaves no gap in the chain.
@@ -550,6 +552,135 @@ impl Store {
             handle,
         )
     }
+}
+
+/// Retention's work, on whichever thread runs it. It reads and writes only below the head,
+/// so the writer goes on appending meanwhile.
+fn retain_in(
+    db: &DB,
+    path: &Path,
+    signing_key: &SigningKey,
+    retention: &Retention,
+    now: i64,
+) -> Result<u64, AuditError> {
+    if retention.max_age.is_none() && retention.max_bytes.is_none() {
+        return Ok(0);
+    }
+    let records = db.cf_handle(CF_RECORDS).expect("records CF opened");
+    let time_of = |key: &[u8], value: &[u8]| {
+        let seq = key_seq(key)?;
+        let rec = serde_json::from_slice::<Record>(value).ok()?;
+        let t = chrono::DateTime::parse_from_rfc3339(rec.event.time())
+            .map(|t| t.timestamp())
+            .unwrap_or(0);
+        Some((seq, t))
+    };
+    // Only the part that may go is read, oldest first, up to the first record young enough
+    // to keep (the cutoff); then the newest record, for the span. Retention runs every
+    // minute, so its cost follows what it removes, not the size of the trail.
+    let oldest_kept = retention.max_age.map(|age| now - age.as_secs() as i64);
+    let mut times = Vec::new();
+    for item in db.iterator_cf(&records, IteratorMode::Start) {
+        let (key, value) = item.map_err(AuditError::Read)?;
+        let Some((seq, t)) = time_of(&key, &value) else {
+            continue;
+        };
+        times.push((seq, t));
+        if oldest_kept.is_none_or(|o| t >= o) {
+            break;
+        }
+    }
+    if let Some(item) = db.iterator_cf(&records, IteratorMode::End).next() {
+        let (key, value) = item.map_err(AuditError::Read)?;
+        if let Some(newest) = time_of(&key, &value)
+            && times.last().is_some_and(|l| l.0 < newest.0)
+        {
+            times.push(newest);
+        }
+    }
+    let size = dir_size(path);
+    let Some(cutoff) = retention_cutoff(&times, now, size, retention) else {
+        return Ok(0);
+    };
+    tracing::info!(
+        cutoff,
+        size,
+        records = times.last().map_or(0, |l| l.0) - times.first().map_or(0, |f| f.0) + 1,
+        "retention: records before the cutoff may go"
+    );
+    // The cut goes at a signed checkpoint: the anchor then vouches for a hash that was signed
+    // while the records it covers still existed.
+    let checkpoints = db.cf_handle(CF_CHECKPOINTS).expect("checkpoints CF opened");
+    let mut anchor_at = None;
+    for item in db.iterator_cf(
+        &checkpoints,
+        IteratorMode::From(&seq_key(cutoff), rocksdb::Direction::Reverse),
+    ) {
+        let (key, value) = item.map_err(AuditError::Read)?;
+        let Some(seq) = key_seq(&key) else { continue };
+        if seq >= cutoff {
+            continue;
+        }
+        if let Ok(cp) = serde_json::from_slice::<Checkpoint>(&value) {
+            anchor_at = Some(cp);
+            break;
+        }
+    }
+    let Some(cp) = anchor_at else {
+        return Ok(0);
+    };
+    let hash: Hash = hex::decode(&cp.hash)
+        .ok()
+        .and_then(|h| h.try_into().ok())
+        .ok_or(AuditError::BadChain(cp.seq))?;
+    let anchor = Checkpoint::sign_anchor(signing_key, cp.seq, &hash, now_rfc3339());
+    let chain_cf = db.cf_handle(CF_CHAIN).expect("chain CF opened");
+    let meta = db.cf_handle(CF_META).expect("meta CF opened");
+    let (from, to) = (seq_key(0), seq_key(cp.seq + 1));
+    let mut batch = WriteBatch::default();
+    // Counted here, where every record that goes is read: with only a size limit, `times`
+    // holds just the oldest and the newest.
+    let mut removed = 0u64;
+    // Index entries of the records that go.
+    for item in db.iterator_cf(&records, IteratorMode::Start) {
+        let (key, value) = item.map_err(AuditError::Read)?;
+        if key_seq(&key).is_none_or(|s| s > cp.seq) {
+            break;
+        }
+        removed += 1;
+        if let Ok(rec) = serde_json::from_slice::<Record>(&value) {
+            for (cf, key) in super::index::entries(&rec) {
+                let cf = db.cf_handle(cf).expect("index CFs opened");
+                batch.delete_cf(&cf, key);
+            }
+        }
+    }
+    batch.delete_range_cf(&records, from, to);
+    batch.delete_range_cf(&chain_cf, from, to);
+    batch.delete_range_cf(&checkpoints, from, to);
+    batch.put_cf(
+        &meta,
+        META_ANCHOR,
+        serde_json::to_vec(&anchor).expect("anchors serialise"),
+    );
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    db.write_opt(batch, &wo).map_err(AuditError::Write)?;
+    // Give the space back now rather than at the next compaction. Not exclusive: an exclusive
+    // one holds off the automatic compactions, so the level-0 files of the records appended
+    // meanwhile pile up, and past RocksDB's triggers it slows the writer down.
+    let mut compact = rocksdb::CompactOptions::default();
+    compact.set_exclusive_manual_compaction(false);
+    for name in [CF_RECORDS, CF_CHAIN] {
+        let cf = db.cf_handle(name).expect("CF opened");
+        db.compact_range_cf_opt(&cf, None::<&[u8]>, Some(&to), &compact);
+    }
+    tracing::info!(
+        removed,
+        through = cp.seq,
+        "retention removed old records; a signed anchor keeps the rest verifiable"
+    );
+    Ok(removed)
 }
 
 fn last_key(db: &DB, cf: &str) -> Result<Option<u64>, AuditError> {
@@ -633,9 +764,7 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<A
         let mut next = Some(first);
         while let Some(req) = next.take() {
             match req {
-                Request::Retain(retention, done) => {
-                    let _ = done.send(store.retain(&retention).map_err(|e| e.to_string()));
-                }
+                Request::Retain(retention, done) => store.start_retention(retention, done),
                 Request::Append(p) => group.push(*p),
                 Request::Checkpoint(done) => checkpoints.push(done),
             }
@@ -645,6 +774,9 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<A
         }
         if group.is_empty() {
             let r = store.checkpoint_now().map_err(|e| e.to_string());
+            // An idle trail reopens here (the agent asks for a checkpoint on a timer), and
+            // with nothing to append this is the write that says whether it could.
+            healthy.store(r.is_ok(), Ordering::Relaxed);
             for done in checkpoints.drain(..) {
                 let _ = done.send(r.clone());
             }
@@ -678,9 +810,17 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<A
             }
         }
     }
+    // A running retention job ends first: its handle would keep the store open past the
+    // writer, and the process may exit under it.
+    store.join_retention();
     // Flushing on the way out keeps the next open fast; the WAL already made it durable.
-    if let Err(e) = store.db().flush_wal(true) {
-        tracing::warn!(error = %e, "flushing the audit WAL at shutdown failed");
+    match store.db() {
+        Ok(db) => {
+            if let Err(e) = db.flush_wal(true) {
+                tracing::warn!(error = %e, "flushing the audit WAL at shutdown failed");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "the audit trail is closed at shutdown"),
     }
 }
 
@@ -823,5 +963,128 @@ mod tests {
         assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
         drop(log);
         writer.join().unwrap();
+    }
+
+    /// A store of two records as a write error leaves it when the reopen after it failed:
+    /// closed, to be reopened at the next write. With it, a second handle on its folder that
+    /// keeps RocksDB's LOCK, so that the store's reopen really fails, as on a disk still full.
+    fn closed_store(state_dir: &Path) -> (Store, DB) {
+        let mut store = Store::open(state_dir).unwrap();
+        assert_eq!(store.append_group([stop("a"), stop("b")]).unwrap(), [1, 2]);
+        store.broken = true;
+        store.db = None;
+        let blocker =
+            DB::open_cf_descriptors(&db_options(), &store.path, cf_descriptors()).unwrap();
+        (store, blocker)
+    }
+
+    #[test]
+    fn a_failed_reopen_is_an_error_and_the_next_write_tries_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, blocker) = closed_store(dir.path());
+        assert!(matches!(
+            store.append_group([stop("c")]),
+            Err(AuditError::Open { .. })
+        ));
+        assert!(matches!(
+            store.checkpoint_now(),
+            Err(AuditError::Open { .. })
+        ));
+        assert!(matches!(store.last_record(), Err(AuditError::Closed)));
+        let all = Retention {
+            max_age: Some(Duration::ZERO),
+            max_bytes: None,
+        };
+        assert!(store.retain(&all).is_err());
+        assert_eq!(
+            store.head().seq,
+            2,
+            "a failed write does not advance the head"
+        );
+        drop(blocker);
+        assert_eq!(store.append_group([stop("d")]).unwrap(), [3]);
+        assert_eq!(store.last_record().unwrap().map(|r| r.seq), Some(3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_reports_a_failed_reopen_and_recovers_once_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, blocker) = closed_store(dir.path());
+        let (log, writer) = store.spawn_writer();
+        assert!(log.append(stop("c")).await.is_err());
+        assert!(!log.healthy());
+        assert!(log.checkpoint().await.is_err());
+        assert!(!log.healthy());
+        drop(blocker);
+        assert_eq!(
+            log.append(stop("d")).await.unwrap(),
+            3,
+            "no gap for the failed one"
+        );
+        assert!(log.healthy());
+        drop(log);
+        writer.join().expect("the writer does not panic");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_shuts_down_with_the_trail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _blocker) = closed_store(dir.path());
+        let (log, writer) = store.spawn_writer();
+        assert!(log.append(stop("c")).await.is_err());
+        drop(log);
+        writer.join().expect("the writer does not panic");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_go_on_while_retention_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.set_checkpoint_policy(CheckpointPolicy {
+            every_records: 5,
+            every: Duration::from_secs(3600),
+        });
+        for i in 0..20 {
+            store.append_group([stop(&i.to_string())]).unwrap();
+        }
+        let key = store.public_key();
+        let (started, started_wait) = oneshot::channel();
+        let (release, release_wait) = oneshot::channel();
+        store.retention_hook = Some(RetentionHook {
+            started,
+            release: release_wait,
+        });
+        let (log, writer) = store.spawn_writer();
+        // Over the size, the oldest quarter (up to 5) goes: the cut is at the checkpoint at 5.
+        let small = Retention {
+            max_age: None,
+            max_bytes: Some(1),
+        };
+        let retain = tokio::spawn({
+            let log = log.clone();
+            async move { log.retain(small).await }
+        });
+        started_wait.await.unwrap();
+        // The job is held until it is released below, so an append that waited for it would
+        // never finish: the timeout turns that into a failure instead of a hang.
+        let during = tokio::time::timeout(Duration::from_secs(60), log.append(stop("during")))
+            .await
+            .expect("the append waited for retention");
+        assert_eq!(during.unwrap(), 21);
+        tokio::time::timeout(Duration::from_secs(60), log.checkpoint())
+            .await
+            .expect("the checkpoint waited for retention")
+            .unwrap();
+        // A second request while the job runs is answered at once, with nothing removed.
+        assert_eq!(log.retain(small).await.unwrap(), 0);
+        release.send(()).unwrap();
+        assert_eq!(retain.await.unwrap().unwrap(), 5);
+        assert_eq!(log.append(stop("after")).await.unwrap(), 22);
+        drop(log);
+        writer.join().unwrap();
+        let reader = crate::audit::Reader::open(dir.path()).unwrap();
+        let r = crate::audit::verify::verify(&reader, 1, u64::MAX, &key).unwrap();
+        assert!(r.ok(), "{r:?}");
+        assert_eq!((r.anchor, r.first, r.last), (Some(5), Some(6), Some(22)));
     }
 }

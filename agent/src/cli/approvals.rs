@@ -57,6 +57,18 @@ pub fn list(state_dir: &Path, args: ListArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(" "),
         );
+        // A batch: every call the one decision covers.
+        for c in h.calls.iter().skip(1) {
+            println!(
+                "    and {} (rule {})",
+                [c.method.as_deref(), c.name.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                c.rule
+            );
+        }
     }
     Ok(())
 }

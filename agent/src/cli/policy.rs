@@ -5,8 +5,13 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
+use crate::identity::Caller;
 use crate::policy::Policy;
+use crate::policy::live::Active;
 use crate::policy::masking::Scope;
+use crate::proxy::http::plan::{Action, BodyView, Head, Plan};
+use crate::proxy::http::plan_request;
+use crate::proxy::http::records::{Cred, mask_message};
 
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
@@ -66,7 +71,8 @@ pub fn run(_state_dir: &Path, args: PolicyArgs) -> anyhow::Result<()> {
             destination,
         } => {
             let policy = Policy::load(&file)?;
-            let access = crate::policy::access::Access::new(&policy.access)?;
+            // A fixed key: hashes here do not match the agent's (its key never leaves it).
+            let active = Active::without_secrets(policy, [0; 32])?;
             let process = crate::audit::record::Process {
                 exe,
                 uid,
@@ -77,87 +83,142 @@ pub fn run(_state_dir: &Path, args: PolicyArgs) -> anyhow::Result<()> {
                 verified: true,
                 ..Default::default()
             });
-            // A fixed key: hashes here do not match the agent's (its key never leaves it).
-            let masker = policy.masker([0; 32])?;
-            let text = if input == Path::new("-") {
-                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+            let bytes = if input == Path::new("-") {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                    .context("reading standard input")?;
+                b
             } else {
-                std::fs::read_to_string(&input)
-                    .with_context(|| format!("reading {}", input.display()))?
+                std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?
             };
-            let value: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not JSON", input.display()))?;
-            let mut messages = match value {
-                Value::Array(items) => items,
-                one => vec![one],
-            };
-            let mut fired = std::collections::BTreeSet::new();
-            let mut wire = false;
-            for m in &mut messages {
-                let Value::Object(obj) = m else {
-                    anyhow::bail!("not a JSON-RPC message: {m}");
-                };
-                let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_owned);
-                let method = text("method");
-                if method.is_some() {
-                    let param = |k: &str| {
-                        obj.get("params")
-                            .and_then(|p| p.get(k))
-                            .and_then(Value::as_str)
-                            .map(str::to_owned)
-                    };
-                    let (name, uri) = (param("name"), param("uri"));
-                    let d = access.decide(&crate::policy::access::Call {
-                        caller: crate::identity::Caller {
-                            process: &process,
-                            token: token.as_ref(),
-                        },
-                        method: method.as_deref(),
-                        name: name.as_deref(),
-                        uri: uri.as_deref(),
-                        destination: &destination,
-                    });
-                    println!(
-                        "decision for {}{}: {}{}{}",
-                        method.as_deref().unwrap_or("?"),
-                        name.or(uri).map(|n| format!(" {n}")).unwrap_or_default(),
-                        d.action.as_str(),
-                        d.rule.as_deref().map_or_else(
-                            || " (the policy's default)".to_owned(),
-                            |r| format!(" (rule {r})")
-                        ),
-                        d.message.map(|m| format!(": {m}")).unwrap_or_default()
-                    );
-                }
-                for (key, scope) in [
-                    ("params", Scope::Params),
-                    ("result", Scope::Result),
-                    ("error", Scope::Error),
-                ] {
-                    if let Some(v) = obj.get_mut(key) {
-                        let masked = masker.mask_value(v, scope);
-                        wire |= masked.wire;
-                        fired.extend(masked.rules);
-                    }
-                }
-            }
-            for m in &messages {
-                println!("{}", serde_json::to_string_pretty(m)?);
-            }
-            if fired.is_empty() {
-                println!("masked by: nothing");
+            // The same plan the proxy makes for a POST of this body.
+            let body = if bytes.is_empty() {
+                BodyView::Empty
             } else {
-                println!(
-                    "masked by: {}{}",
-                    fired.into_iter().collect::<Vec<_>>().join(", "),
-                    if wire {
-                        " (a wire rule fired: the forwarded message changes too)"
-                    } else {
-                        " (recorded only; forwarded unchanged)"
-                    }
-                );
-            }
+                BodyView::Read(bytes.into())
+            };
+            let plan = plan_request(
+                &Head {
+                    method: "POST",
+                    content_type: Some("application/json"),
+                    ..Default::default()
+                },
+                &body,
+                &active,
+                Caller {
+                    process: &process,
+                    token: token.as_ref(),
+                },
+                &destination,
+            );
+            print_plan(&active, plan);
             Ok(())
         }
+    }
+}
+
+/// What the proxy would do, message by message, and the messages as they would be recorded.
+fn print_plan(active: &Active, plan: Plan) {
+    let action = match &plan.action {
+        Action::Plain => "forwarded as plain HTTP (not MCP)".to_owned(),
+        Action::Forward => "forwarded".to_owned(),
+        Action::Hold(held) => format!(
+            "held for an operator's approval ({} call{} listed together)",
+            held.len(),
+            if held.len() == 1 { "" } else { "s" }
+        ),
+        Action::Refuse(r) => {
+            let d = r.decision();
+            format!(
+                "refused ({}{})",
+                d.rule.as_deref().unwrap_or("the policy's default"),
+                d.message.map(|m| format!(": {m}")).unwrap_or_default()
+            )
+        }
+    };
+    if let Some(why) = &plan.unreadable {
+        println!("unreadable: {why}");
+    }
+    let mut fired = std::collections::BTreeSet::new();
+    let mut wire = false;
+    for (n, item) in plan.items.into_iter().enumerate() {
+        let m = match item.message {
+            Ok(m) => m,
+            Err(e) => {
+                println!("message {}: not JSON-RPC: {e}", n + 1);
+                continue;
+            }
+        };
+        if let Some(d) = &item.decision {
+            println!(
+                "decision for {}{}: {}{}{}",
+                m.method.as_deref().unwrap_or("?"),
+                m.name
+                    .as_deref()
+                    .or(m.uri.as_deref())
+                    .map(|n| format!(" {n}"))
+                    .unwrap_or_default(),
+                d.action.as_str(),
+                d.rule.as_deref().map_or_else(
+                    || " (the policy's default)".to_owned(),
+                    |r| format!(" (rule {r})")
+                ),
+                d.message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            );
+        }
+        // Wire rules are asked on a copy: does the forwarded message change too?
+        for (v, scope) in [
+            (&m.params, Scope::Params),
+            (&m.result, Scope::Result),
+            (&m.error, Scope::Error),
+        ] {
+            if let Some(v) = v {
+                wire |= active.masker.mask_value_wire(&mut v.clone(), scope).wire;
+            }
+        }
+        let masked = mask_message(
+            active,
+            Cred {
+                token: None,
+                raw: None,
+            },
+            usize::MAX,
+            m,
+        );
+        fired.extend(masked.rules);
+        let mut shown = serde_json::Map::new();
+        shown.insert("jsonrpc".into(), "2.0".into());
+        for (k, v) in [
+            ("id", masked.id),
+            ("method", masked.method.map(Value::String)),
+            ("params", masked.params),
+            ("result", masked.result),
+            ("error", masked.error),
+        ] {
+            if let Some(v) = v {
+                shown.insert(k.into(), v);
+            }
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Object(shown)).expect("JSON values serialise")
+        );
+    }
+    println!("the request: {action}");
+    if fired.is_empty() {
+        println!("masked by: nothing");
+    } else {
+        println!(
+            "masked by: {}{}",
+            fired.into_iter().collect::<Vec<_>>().join(", "),
+            if wire {
+                " (a wire rule fired: the forwarded message changes too)"
+            } else {
+                " (recorded only; forwarded unchanged)"
+            }
+        );
     }
 }

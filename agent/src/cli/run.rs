@@ -1,7 +1,9 @@
 //! `mcptrail run`: the agent.
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -15,7 +17,7 @@ use crate::audit::record::{
     AgentStart, AgentStop, Event, PolicyChanged, TargetsChanged, now_rfc3339,
 };
 use crate::audit::store::{CheckpointPolicy, Durability, Retention};
-use crate::audit::{AuditLog, Store};
+use crate::audit::{AuditError, AuditLog, Store};
 use crate::control::{self, Request};
 use crate::identity::{self, fingerprint::Fingerprinter};
 use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
@@ -30,6 +32,11 @@ pub const DEFAULT_LISTEN_PORT: u16 = 15811;
 const RETENTION_CHECK: Duration = Duration::from_secs(60);
 /// How often freed heap memory goes back to the kernel (`sys::release_free_heap`).
 const HEAP_TRIM: Duration = Duration::from_secs(10);
+/// At most this many control-plane records wait for the trail to take writes again; past it
+/// the oldest goes, so a trail that stays broken cannot grow the agent's memory.
+const PENDING_MAX: usize = 256;
+/// How often the waiting control-plane records are tried again.
+const PENDING_RETRY: Duration = Duration::from_secs(1);
 /// SO_MARK on the agent's upstream sockets: "mctr" in ASCII. Change it with --upstream-mark if
 /// the host's policy routing already uses this value.
 pub const DEFAULT_UPSTREAM_MARK: u32 = 0x6d63_7472;
@@ -397,7 +404,7 @@ async fn serve(
         "mcptrail ready: new connections to the targets are redirected, relayed and recorded"
     );
 
-    let reason = supervise(&args, &interceptor, &audit, &live).await?;
+    let reason = supervise(&args, &interceptor, &audit, &live, &stats).await?;
     tracing::info!(
         reason,
         "stopping: detaching the hooks, draining connections"
@@ -479,13 +486,9 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 }
 
 /// Loads the policy file again and swaps it in whole; a file that does not load leaves the
-/// old policy in force. Either way the trail says what happened.
-async fn reload_policy(
-    path: &Path,
-    trigger: &str,
-    live: &Live,
-    audit: &AuditLog,
-) -> anyhow::Result<()> {
+/// old policy in force. Either way the returned record says what happened; the caller writes
+/// it with [`record_control`], so a trail that refuses it does not undo or stop the change.
+fn reload_policy(path: &Path, trigger: &str, live: &Live) -> Event {
     let outcome = Policy::load(path).and_then(|p| {
         let reference = p.reference();
         if p.identity != live.current().policy.identity {
@@ -505,25 +508,187 @@ async fn reload_policy(
             (None, Some(e.to_string()))
         }
     };
-    audit
-        .append(Event::PolicyChanged(PolicyChanged {
-            time: now_rfc3339(),
-            trigger: trigger.to_owned(),
-            in_force: live.current().policy.reference(),
-            loaded: policy.is_some(),
-            error,
-        }))
+    Event::PolicyChanged(PolicyChanged {
+        time: now_rfc3339(),
+        trigger: trigger.to_owned(),
+        in_force: live.current().policy.reference(),
+        loaded: policy.is_some(),
+        error,
+    })
+}
+
+/// Control-plane records the trail refused, oldest first, waiting to be written late.
+#[derive(Debug)]
+struct PendingRecords {
+    queue: VecDeque<Event>,
+    max: usize,
+    /// Records pushed out by the bound: they will never be in the trail.
+    dropped: u64,
+}
+
+impl PendingRecords {
+    fn new(max: usize) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            // With no room at all there would be nothing to retry, and `push` counts a drop
+            // only when it has something to drop.
+            max: max.max(1),
+            dropped: 0,
+        }
+    }
+
+    /// Queues `event` behind the others; returns the oldest one if the bound pushed it out.
+    fn push(&mut self, event: Event) -> Option<Event> {
+        let out = if self.queue.len() >= self.max {
+            self.dropped += 1;
+            self.queue.pop_front()
+        } else {
+            None
+        };
+        self.queue.push_back(event);
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Event> {
+        self.queue.iter()
+    }
+
+    /// Writes the waiting records oldest first. A record leaves the queue only once `write`
+    /// has stored it; the first failure stops the drain with that record still first, so
+    /// the trail keeps the order things happened in.
+    async fn drain<E>(
+        &mut self,
+        mut write: impl AsyncFnMut(&Event) -> Result<u64, E>,
+    ) -> Result<(), E> {
+        while let Some(event) = self.queue.front() {
+            let seq = write(event).await?;
+            let event = self.queue.pop_front().expect("the front record is there");
+            tracing::warn!(
+                seq,
+                kind = event.kind(),
+                time = event.time(),
+                record = %describe(&event),
+                still_waiting = self.queue.len(),
+                "a control-plane record was recorded late, now that the trail takes writes again; its time is when it happened"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Writes the waiting control-plane records, oldest first, through the audit log.
+async fn write_pending(audit: &AuditLog, pending: &mut PendingRecords) -> Result<(), AuditError> {
+    // The queue keeps the event: the trail takes it by value, so each attempt gets a copy.
+    pending
+        .drain(async |event: &Event| audit.append(event.clone()).await)
         .await
-        .context("recording a policy change")?;
-    Ok(())
+}
+
+/// A control-plane record in words, for a log line saying it is missing from the trail.
+fn describe(event: &Event) -> String {
+    match event {
+        Event::PolicyChanged(p) => format!(
+            "policy_changed ({}, at {}): policy {} (sha256 {}) in force, new file loaded: {}",
+            p.trigger, p.time, p.in_force.name, p.in_force.sha256, p.loaded
+        ),
+        Event::TargetsChanged(t) => format!(
+            "targets_changed ({}, at {}): {} added, {} removed, in force: {}",
+            t.trigger,
+            t.time,
+            t.added,
+            t.removed,
+            t.entries.join(",")
+        ),
+        other => format!("{} (at {})", other.kind(), other.time()),
+    }
+}
+
+/// What traffic does while the trail refuses writes, by `--on-audit-failure`.
+fn while_unhealthy(mode: OnAuditFailure) -> &'static str {
+    match mode {
+        OnAuditFailure::Block => "calls are refused until the trail takes writes again",
+        OnAuditFailure::Pass => "traffic goes on and every lost record is counted",
+    }
+}
+
+/// Writes a control-plane record (a policy or targets change). A trail that refuses it does
+/// not stop the agent: the change has already taken effect, and with `--on-audit-failure
+/// block` the proxy refuses traffic while the trail is unhealthy, so nothing unaudited passes
+/// under it; with `pass` traffic flows and the loss is counted. The record is counted in
+/// `audit_losses`, logged, and kept to be written late, in order, once the trail recovers.
+async fn record_control(
+    audit: &AuditLog,
+    event: Event,
+    pending: &mut PendingRecords,
+    stats: &Stats,
+    on_failure: OnAuditFailure,
+) {
+    // Older refused records go first; while they still fail, the new one queues behind them
+    // untried, since writing it now would put it before them in the trail.
+    let outcome = match write_pending(audit, pending).await {
+        Ok(()) => audit.append(event.clone()).await.map(|_seq| ()),
+        Err(e) => Err(e),
+    };
+    let Err(error) = outcome else {
+        return;
+    };
+    // Counted once, here: a retry that fails again is the same missing record.
+    stats.audit_losses.fetch_add(1, Ordering::Relaxed);
+    let missing = describe(&event);
+    let dropped = pending.push(event);
+    tracing::error!(
+        error = %error,
+        %missing,
+        waiting = pending.len(),
+        on_audit_failure = ?on_failure,
+        meanwhile = while_unhealthy(on_failure),
+        "could not record a control-plane event: it is missing from the trail until a retry writes it"
+    );
+    if let Some(old) = dropped {
+        tracing::error!(
+            missing = %describe(&old),
+            dropped_total = pending.dropped(),
+            max_waiting = PENDING_MAX,
+            "too many control-plane records wait for the trail: the oldest is dropped and will never be in it"
+        );
+    }
+}
+
+/// A last try at the waiting control-plane records, before the stop record.
+async fn flush_at_stop(audit: &AuditLog, pending: &mut PendingRecords) {
+    if let Err(e) = write_pending(audit, pending).await {
+        tracing::error!(
+            error = %e,
+            count = pending.len(),
+            "stopping with control-plane records the trail never took"
+        );
+        for event in pending.iter() {
+            tracing::error!(missing = %describe(event), "never recorded");
+        }
+    }
 }
 
 /// Runs until a stop signal; meanwhile reloads targets on SIGHUP and re-resolves names.
+/// After the start, nothing the trail refuses ends it: control-plane records wait in a
+/// bounded queue and are written late (see [`record_control`]).
 async fn supervise(
     args: &RunArgs,
     interceptor: &Arc<Interceptor>,
     audit: &AuditLog,
     live: &Live,
+    stats: &Stats,
 ) -> anyhow::Result<&'static str> {
     // The policy file is also watched: a change takes effect without a signal.
     let mut watch = tokio::time::interval(POLICY_WATCH);
@@ -546,14 +711,20 @@ async fn supervise(
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trim = tokio::time::interval(HEAP_TRIM);
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let mut pending = PendingRecords::new(PENDING_MAX);
+    let mut retry = tokio::time::interval(PENDING_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let on_failure = args.on_audit_failure;
+    let reason = loop {
         let trigger = tokio::select! {
-            _ = term.recv() => return Ok("SIGTERM"),
-            _ = int.recv() => return Ok("SIGINT"),
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 if let Some(path) = &args.policy {
                     policy_stamp = file_stamp(path);
-                    reload_policy(path, "SIGHUP", live, audit).await?;
+                    // The new policy is in force whether or not the trail takes the record.
+                    let event = reload_policy(path, "SIGHUP", live);
+                    record_control(audit, event, &mut pending, stats, on_failure).await;
                 }
                 "SIGHUP"
             }
@@ -562,7 +733,19 @@ async fn supervise(
                 let stamp = file_stamp(path);
                 if stamp != policy_stamp {
                     policy_stamp = stamp;
-                    reload_policy(path, "file-change", live, audit).await?;
+                    let event = reload_policy(path, "file-change", live);
+                    record_control(audit, event, &mut pending, stats, on_failure).await;
+                }
+                continue;
+            }
+            // Each try is also a write that lets the store recover and report healthy again.
+            _ = retry.tick(), if !pending.is_empty() => {
+                if let Err(e) = write_pending(audit, &mut pending).await {
+                    tracing::debug!(
+                        error = %e,
+                        waiting = pending.len(),
+                        "the trail still refuses writes; control-plane records keep waiting"
+                    );
                 }
                 continue;
             }
@@ -598,7 +781,18 @@ async fn supervise(
             }
         };
         let i = interceptor.clone();
-        let change = tokio::task::spawn_blocking(move || i.set_targets(&targets)).await?;
+        let change = match tokio::task::spawn_blocking(move || i.set_targets(&targets)).await {
+            Ok(change) => change,
+            Err(e) => {
+                // A panic in one target change is no reason to stop auditing the others.
+                tracing::error!(
+                    error = %e,
+                    trigger,
+                    "changing the targets panicked; keeping the current targets"
+                );
+                continue;
+            }
+        };
         match change {
             Ok(change) => {
                 tracing::info!(
@@ -609,22 +803,23 @@ async fn supervise(
                     "targets updated"
                 );
                 if change.added + change.removed > 0 || trigger == "SIGHUP" {
+                    // The kernel map has changed already; a refused record does not undo it.
                     let entries = interceptor.installed().iter().map(|i| i.entry()).collect();
-                    audit
-                        .append(Event::TargetsChanged(TargetsChanged {
-                            time: now_rfc3339(),
-                            trigger: trigger.to_owned(),
-                            entries,
-                            added: change.added,
-                            removed: change.removed,
-                        }))
-                        .await
-                        .context("recording a target change")?;
+                    let event = Event::TargetsChanged(TargetsChanged {
+                        time: now_rfc3339(),
+                        trigger: trigger.to_owned(),
+                        entries,
+                        added: change.added,
+                        removed: change.removed,
+                    });
+                    record_control(audit, event, &mut pending, stats, on_failure).await;
                 }
             }
             Err(e) => tracing::error!(error = %e, trigger, "keeping the current targets"),
         }
-    }
+    };
+    flush_at_stop(audit, &mut pending).await;
+    Ok(reason)
 }
 
 /// What `mcptrail status` is told.
@@ -690,5 +885,104 @@ mod tests {
         assert_eq!(parse_mark("0x6d637472"), Ok(DEFAULT_UPSTREAM_MARK));
         assert_eq!(parse_mark("42"), Ok(42));
         assert!(parse_mark("0xZZ").unwrap_err().contains("32-bit"));
+    }
+
+    /// A targets change told apart by `added`, with a time of its own.
+    fn change(n: usize) -> Event {
+        Event::TargetsChanged(TargetsChanged {
+            time: format!("2026-01-01T00:00:{n:02}Z"),
+            trigger: "SIGHUP".to_owned(),
+            entries: vec!["10.0.0.1:8811".to_owned()],
+            added: n,
+            removed: 0,
+        })
+    }
+
+    fn number(event: &Event) -> usize {
+        match event {
+            Event::TargetsChanged(t) => t.added,
+            other => panic!("not a test record: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn waiting_records_keep_their_order() {
+        let mut pending = PendingRecords::new(3);
+        for n in 0..3 {
+            assert!(pending.push(change(n)).is_none());
+        }
+        assert_eq!(pending.iter().map(number).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(pending.dropped(), 0);
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_waiting_record_is_dropped_and_counted() {
+        let mut pending = PendingRecords::new(3);
+        let dropped: Vec<_> = (0..5)
+            .filter_map(|n| pending.push(change(n)))
+            .map(|e| number(&e))
+            .collect();
+        assert_eq!(dropped, [0, 1]);
+        assert_eq!(pending.dropped(), 2);
+        assert_eq!(pending.len(), 3);
+        assert_eq!(pending.iter().map(number).collect::<Vec<_>>(), [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_zero_bound_still_keeps_the_newest_record() {
+        let mut pending = PendingRecords::new(0);
+        assert!(pending.push(change(0)).is_none());
+        assert_eq!(pending.push(change(1)).as_ref().map(number), Some(0));
+        assert_eq!(pending.iter().map(number).collect::<Vec<_>>(), [1]);
+    }
+
+    #[tokio::test]
+    async fn a_drain_stops_at_the_first_refusal_and_resumes_in_order() {
+        let mut pending = PendingRecords::new(PENDING_MAX);
+        for n in 0..4 {
+            pending.push(change(n));
+        }
+        let mut written = Vec::new();
+        let mut room = 2;
+        let result = pending
+            .drain(async |e: &Event| -> Result<u64, &'static str> {
+                if room == 0 {
+                    return Err("disk full");
+                }
+                room -= 1;
+                written.push(number(e));
+                Ok(written.len() as u64)
+            })
+            .await;
+        assert_eq!(result, Err("disk full"));
+        assert_eq!(written, [0, 1]);
+        // The refused record stays first, so nothing newer can overtake it.
+        assert_eq!(pending.iter().map(number).collect::<Vec<_>>(), [2, 3]);
+
+        let mut times = Vec::new();
+        let result = pending
+            .drain(async |e: &Event| -> Result<u64, &'static str> {
+                times.push(e.time().to_owned());
+                Ok(0)
+            })
+            .await;
+        assert_eq!(result, Ok(()));
+        // Written late, each still says when it happened.
+        assert_eq!(times, ["2026-01-01T00:00:02Z", "2026-01-01T00:00:03Z"]);
+        assert!(pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_empty_queue_drains_without_writing() {
+        let mut pending = PendingRecords::new(PENDING_MAX);
+        let mut calls = 0;
+        let result = pending
+            .drain(async |_: &Event| -> Result<u64, &'static str> {
+                calls += 1;
+                Ok(0)
+            })
+            .await;
+        assert_eq!(result, Ok(()));
+        assert_eq!(calls, 0);
     }
 }

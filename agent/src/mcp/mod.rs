@@ -41,21 +41,46 @@ pub struct Message {
 }
 
 /// Parses an HTTP body (or SSE `data`) holding one message or a batch of them.
-/// Returns the messages and whether they came as a batch.
+/// Returns the messages and whether they came as a batch; one bad element fails the whole.
 pub fn parse(bytes: &[u8]) -> Result<(Vec<Message>, bool), McpError> {
+    let Parsed { items, batch } = parse_each(bytes)?;
+    let messages = items.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok((messages, batch))
+}
+
+/// A body's elements, each classified on its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub items: Vec<Result<Message, McpError>>,
+    pub batch: bool,
+}
+
+impl Parsed {
+    /// Whether every element is a JSON-RPC message.
+    pub fn all_valid(&self) -> bool {
+        self.items.iter().all(Result::is_ok)
+    }
+}
+
+/// Parses a body into its elements, each classified on its own: one bad element of a batch
+/// must not hide the others from the access rules. Errs only when the body as a whole is not
+/// JSON, or is an empty batch.
+pub fn parse_each(bytes: &[u8]) -> Result<Parsed, McpError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| McpError::Json(e.to_string()))?;
     match value {
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(McpError::EmptyBatch);
             }
-            let messages = items
-                .into_iter()
-                .map(classify)
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((messages, true))
+            Ok(Parsed {
+                items: items.into_iter().map(classify).collect(),
+                batch: true,
+            })
         }
-        other => Ok((vec![classify(other)?], false)),
+        other => Ok(Parsed {
+            items: vec![classify(other)],
+            batch: false,
+        }),
     }
 }
 
@@ -286,6 +311,20 @@ mod tests {
         assert!(batch);
         assert_eq!(m.len(), 2);
         assert_eq!(m[1].kind, Kind::Notification);
+    }
+
+    #[test]
+    fn batch_elements_are_classified_one_by_one() {
+        let p = parse_each(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"deploy"}},42,{"id":2}]"#,
+        )
+        .unwrap();
+        assert!(p.batch && !p.all_valid());
+        assert_eq!(p.items.len(), 3);
+        assert_eq!(p.items[0].as_ref().unwrap().name.as_deref(), Some("deploy"));
+        assert!(matches!(p.items[1], Err(McpError::NotJsonRpc(_))));
+        assert!(matches!(p.items[2], Err(McpError::NotJsonRpc(_))));
+        assert!(parse(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},42]"#).is_err());
     }
 
     #[test]

@@ -5,11 +5,12 @@
 //! section's default (allow unless told otherwise). Pure apart from the buckets' clock.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use globset::{Glob, GlobMatcher};
+use lru::LruCache;
 use serde::Deserialize;
 
 use crate::audit::record::{Decision, DecisionAction};
@@ -45,6 +46,20 @@ pub struct AccessConfig {
     pub default: DefaultAction,
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+}
+
+impl AccessConfig {
+    /// Whether some call can be refused: then what cannot be judged must not pass unjudged
+    /// (the `[gateway]` defaults).
+    pub fn can_refuse(&self) -> bool {
+        self.default == DefaultAction::Deny
+            || self.rules.iter().any(|r| {
+                matches!(
+                    r.action,
+                    ActionConfig::Deny | ActionConfig::Approve | ActionConfig::RateLimit
+                )
+            })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -161,10 +176,18 @@ struct Bucket {
     at: Instant,
 }
 
+/// Rate-limit buckets kept at most (over all rules). When the table is full the least
+/// recently used bucket is dropped, never the lot: emptying it would let a caller who mints
+/// fresh subjects or processes reset everyone's limits, their own included.
+const BUCKET_CAPACITY: usize = 100_000;
+
+/// A rule's index and the caller's key under its `per`.
+type BucketKey = (usize, String);
+
 pub struct Access {
     default: DefaultAction,
     rules: Vec<Rule>,
-    buckets: Mutex<HashMap<(usize, String), Bucket>>,
+    buckets: Mutex<LruCache<BucketKey, Bucket>>,
 }
 
 fn glob(
@@ -253,8 +276,17 @@ impl Access {
         Ok(Access {
             default: cfg.default,
             rules,
-            buckets: Mutex::default(),
+            buckets: Mutex::new(bucket_table(BUCKET_CAPACITY)),
         })
+    }
+
+    /// The same rules with room for only `capacity` buckets, to watch eviction in tests.
+    #[cfg(test)]
+    fn with_bucket_capacity(self, capacity: usize) -> Self {
+        Access {
+            buckets: Mutex::new(bucket_table(capacity)),
+            ..self
+        }
     }
 
     pub fn rule_count(&self) -> usize {
@@ -314,10 +346,9 @@ impl Access {
         };
         let now = Instant::now();
         let mut buckets = self.buckets.lock().expect("bucket lock");
-        if buckets.len() > 100_000 {
-            buckets.clear();
-        }
-        let b = buckets.entry((i, key)).or_insert(Bucket {
+        // Found: it becomes the most recently used. New: it starts full, and when the table
+        // is full the least recently used bucket makes room (O(1) either way).
+        let b = buckets.get_or_insert_mut((i, key), || Bucket {
             tokens: f64::from(rate.burst),
             at: now,
         });
@@ -331,6 +362,12 @@ impl Access {
             false
         }
     }
+}
+
+/// An empty bucket table for at most `capacity` buckets (at least one). `sparse`: it grows as
+/// callers come instead of taking room for all of them up front.
+fn bucket_table(capacity: usize) -> LruCache<BucketKey, Bucket> {
+    LruCache::sparse(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN))
 }
 
 fn matches(r: &Rule, call: &Call<'_>) -> bool {
@@ -486,6 +523,74 @@ mod tests {
             DecisionAction::Allow,
             "another subject has its own bucket"
         );
+    }
+
+    /// One call per subject, for good (the refill is negligible over a test), in a table of
+    /// `capacity` buckets.
+    fn one_call_each(capacity: usize) -> Access {
+        access(
+            r#"
+            [[rules]]
+            name = "one-each"
+            action = "rate_limit"
+            rate = { per = "sub", burst = 1, per_second = 0.001 }
+            match = { tool = "search" }
+            "#,
+        )
+        .with_bucket_capacity(capacity)
+    }
+
+    fn take_as(a: &Access, sub: &str) -> DecisionAction {
+        let p = Process::default();
+        let t = token(sub, true);
+        let d = a.decide(&call(&p, Some(&t), "search"));
+        d.action
+    }
+
+    fn has_bucket(a: &Access, sub: &str) -> bool {
+        let buckets = a.buckets.lock().unwrap();
+        buckets.contains(&(0_usize, sub.to_owned()))
+    }
+
+    #[test]
+    fn a_flood_of_fresh_callers_does_not_reset_a_busy_callers_bucket() {
+        let a = one_call_each(4);
+        assert_eq!(take_as(&a, "victim"), DecisionAction::Allow);
+        assert_eq!(take_as(&a, "victim"), DecisionAction::RateLimited);
+        // Fresh subjects, many times the table's size, between the victim's calls: the
+        // victim's exhausted bucket is never the least recently used, so it stays exhausted
+        // (a table emptied when full would hand it a fresh burst).
+        for n in 0..1000 {
+            assert_eq!(take_as(&a, &format!("flood-{n}")), DecisionAction::Allow);
+            assert_eq!(
+                take_as(&a, "victim"),
+                DecisionAction::RateLimited,
+                "reset after {n} fresh subjects"
+            );
+        }
+        assert_eq!(a.buckets.lock().unwrap().len(), 4, "bounded");
+    }
+
+    #[test]
+    fn a_full_bucket_table_drops_the_least_recently_used_bucket_only() {
+        let a = one_call_each(4);
+        for sub in ["x", "a", "b", "c"] {
+            assert_eq!(take_as(&a, sub), DecisionAction::Allow);
+        }
+        assert_eq!(take_as(&a, "x"), DecisionAction::RateLimited); // a b c x
+        assert_eq!(take_as(&a, "d"), DecisionAction::Allow); // b c x d
+        assert!(!has_bucket(&a, "a"), "the least recently used bucket goes");
+        for sub in ["b", "c", "x", "d"] {
+            assert!(has_bucket(&a, sub), "{sub} keeps its bucket");
+        }
+        assert_eq!(take_as(&a, "x"), DecisionAction::RateLimited); // b c d x
+        assert_eq!(take_as(&a, "b"), DecisionAction::RateLimited); // c d x b
+        assert_eq!(
+            take_as(&a, "a"),
+            DecisionAction::Allow,
+            "an evicted caller starts again, full"
+        ); // d x b a
+        assert!(!has_bucket(&a, "c"), "c was least recently used by then");
     }
 
     #[test]

@@ -57,6 +57,21 @@ pub struct Held {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub destination: String,
+    /// Every call the request holds, when it holds more than one (a batch): the operator
+    /// decides on all of them at once, so all of them are shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<HeldItem>,
+}
+
+/// One held call of a batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldItem {
+    pub exchange: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub rule: String,
 }
 
 #[derive(Default)]
@@ -124,6 +139,7 @@ mod tests {
             method: Some("tools/call".into()),
             name: Some("deploy_prod".into()),
             destination: "10.0.0.5:8811".into(),
+            calls: Vec::new(),
         }
     }
 

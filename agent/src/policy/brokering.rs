@@ -100,6 +100,14 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
+    /// No brokered headers (for trying a policy without its secrets).
+    pub fn none() -> Self {
+        Broker {
+            rules: Vec::new(),
+            secrets: Vec::new(),
+        }
+    }
+
     /// Reads the secrets file (which must be root's alone) and prepares the headers.
     pub fn new(cfg: &BrokeringConfig) -> Result<Self, BrokeringError> {
         if cfg.headers.is_empty() {

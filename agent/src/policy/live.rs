@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use super::access::Access;
 use super::brokering::Broker;
+use super::gateway::Gateway;
 use super::masking::Masker;
 use super::{Policy, PolicyError};
 
@@ -15,6 +16,8 @@ pub struct Active {
     pub masker: Masker,
     pub access: Access,
     pub broker: Broker,
+    /// `[gateway]` with its defaults worked out against the access rules.
+    pub gateway: Gateway,
 }
 
 pub struct Live {
@@ -44,7 +47,19 @@ impl Live {
     }
 }
 
+impl Active {
+    /// The policy compiled as the agent would, except that its secrets file is not read (no
+    /// brokered headers): for `mcptrail policy test`, which needs no root and no secrets.
+    pub fn without_secrets(policy: Policy, hash_key: [u8; 32]) -> Result<Active, PolicyError> {
+        build(policy, hash_key, false)
+    }
+}
+
 fn compile(policy: Policy, hash_key: [u8; 32]) -> Result<Active, PolicyError> {
+    build(policy, hash_key, true)
+}
+
+fn build(policy: Policy, hash_key: [u8; 32], secrets: bool) -> Result<Active, PolicyError> {
     let masker = policy.masker(hash_key).map_err(|e| PolicyError::Invalid {
         source_name: policy.source.clone(),
         message: e.to_string(),
@@ -53,11 +68,16 @@ fn compile(policy: Policy, hash_key: [u8; 32]) -> Result<Active, PolicyError> {
         source_name: policy.source.clone(),
         message: e.to_string(),
     })?;
-    let broker = Broker::new(&policy.brokering).map_err(|e| PolicyError::Invalid {
-        source_name: policy.source.clone(),
-        message: e.to_string(),
-    })?;
+    let broker = if secrets {
+        Broker::new(&policy.brokering).map_err(|e| PolicyError::Invalid {
+            source_name: policy.source.clone(),
+            message: e.to_string(),
+        })?
+    } else {
+        Broker::none()
+    };
     Ok(Active {
+        gateway: Gateway::new(&policy.gateway, policy.access.can_refuse()),
         policy,
         masker,
         access,

@@ -81,6 +81,11 @@ pub enum Action {
     Partial,
 }
 
+/// Whether `rule` looks at `scope` (None: everywhere, for what is recorded about a caller).
+fn in_scope(rule: &Rule, scope: Option<Scope>) -> bool {
+    scope.is_none_or(|s| rule.scope.contains(&s))
+}
+
 /// One rule as a policy file states it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -286,12 +291,41 @@ impl Masker {
         self.rules.len()
     }
 
-    /// Masks the string values of `value` in place for `scope`.
+    /// Masks the string and number values of `value` in place for `scope` (a number a rule
+    /// matches, such as a card number sent as a JSON number, becomes the masked string).
     pub fn mask_value(&self, value: &mut Value, scope: Scope) -> Masked {
         let mut out = Masked::default();
         let mut path = Vec::new();
-        self.walk(value, scope, false, &mut path, None, &mut out);
+        self.walk(value, Some(scope), false, &mut path, None, &mut out);
         out
+    }
+
+    /// Masks with every rule, whatever its scope: for what the trail stores about a caller
+    /// beside its messages (command lines, CI variables, the URL, header values). A rule's
+    /// scope says where in a message it looks; nothing a caller supplied is stored in clear
+    /// because it came by another way.
+    pub fn mask_recorded(&self, value: &mut Value) -> Masked {
+        let mut out = Masked::default();
+        let mut path = Vec::new();
+        self.walk(value, None, false, &mut path, None, &mut out);
+        out
+    }
+
+    /// `mask_recorded` over plain strings; true when one changed.
+    pub fn mask_recorded_strings<'a>(
+        &self,
+        strings: impl IntoIterator<Item = &'a mut String>,
+        fired: &mut BTreeSet<String>,
+    ) -> bool {
+        let mut changed = false;
+        for s in strings {
+            if let Some((masked, rules)) = self.mask_str(s, None, false, &[]) {
+                *s = masked;
+                changed = true;
+                fired.extend(rules.into_iter().map(|i| self.rules[i].name.clone()));
+            }
+        }
+        changed
     }
 
     /// Masks with the `wire = true` rules only: what is forwarded.
@@ -299,7 +333,7 @@ impl Masker {
         let mut out = Masked::default();
         if self.any_wire {
             let mut path = Vec::new();
-            self.walk(value, scope, true, &mut path, None, &mut out);
+            self.walk(value, Some(scope), true, &mut path, None, &mut out);
         }
         out
     }
@@ -309,10 +343,11 @@ impl Masker {
         self.any_wire
     }
 
+    /// `scope` None: every rule applies (see `mask_recorded`).
     fn walk(
         &self,
         value: &mut Value,
-        scope: Scope,
+        scope: Option<Scope>,
         wire_only: bool,
         path: &mut Vec<String>,
         key_rule: Option<usize>,
@@ -322,7 +357,7 @@ impl Masker {
             Value::String(s) => {
                 if let Some(i) = key_rule {
                     let rule = &self.rules[i];
-                    if rule.scope.contains(&scope) && !s.is_empty() && (rule.wire || !wire_only) {
+                    if in_scope(rule, scope) && !s.is_empty() && (rule.wire || !wire_only) {
                         *s = self.replacement(rule, s);
                         out.rules.insert(rule.name.clone());
                         out.wire |= rule.wire;
@@ -331,6 +366,27 @@ impl Masker {
                 }
                 if let Some((masked, fired)) = self.mask_str(s, scope, wire_only, path) {
                     *s = masked;
+                    for i in fired {
+                        out.rules.insert(self.rules[i].name.clone());
+                        out.wire |= self.rules[i].wire;
+                    }
+                }
+            }
+            // A number is its JSON text to the rules: a card or account number sent as a
+            // number is as sensitive as one sent as a string. A match makes it a string.
+            Value::Number(n) => {
+                let text = n.to_string();
+                if let Some(i) = key_rule {
+                    let rule = &self.rules[i];
+                    if in_scope(rule, scope) && (rule.wire || !wire_only) {
+                        *value = Value::String(self.replacement(rule, &text));
+                        out.rules.insert(rule.name.clone());
+                        out.wire |= rule.wire;
+                        return;
+                    }
+                }
+                if let Some((masked, fired)) = self.mask_str(&text, scope, wire_only, path) {
+                    *value = Value::String(masked);
                     for i in fired {
                         out.rules.insert(self.rules[i].name.clone());
                         out.wire |= self.rules[i].wire;
@@ -384,7 +440,7 @@ impl Masker {
     fn mask_str(
         &self,
         s: &str,
-        scope: Scope,
+        scope: Option<Scope>,
         wire_only: bool,
         path: &[String],
     ) -> Option<(String, Vec<usize>)> {
@@ -403,7 +459,7 @@ impl Masker {
         let mut fired = Vec::new();
         for i in candidates {
             let rule = &self.rules[i];
-            if !rule.scope.contains(&scope) || (wire_only && !rule.wire) {
+            if !in_scope(rule, scope) || (wire_only && !rule.wire) {
                 continue;
             }
             if let Some(fields) = &rule.fields
@@ -527,6 +583,23 @@ impl Masker {
                     }
                 }
             }
+            Value::Number(n) => {
+                let mut text = n.to_string();
+                let mut hit = 0;
+                for rule in &self.rules {
+                    if rule.regex.is_some()
+                        && rule.scope.contains(&scope)
+                        && let Some(r) = self.apply(rule, &text)
+                    {
+                        text = r;
+                        hit += 1;
+                    }
+                }
+                if hit > 0 {
+                    *value = Value::String(text);
+                    fired += hit;
+                }
+            }
             Value::Array(items) => {
                 for item in items {
                     fired += self.mask_value_naive(item, scope);
@@ -572,8 +645,8 @@ mod tests {
         let masked = m.mask_value(&mut v, Scope::Params);
         assert_eq!(v["arguments"]["card"], "[MASKED:payment_card]1111");
         assert_eq!(
-            v["arguments"]["amount"], 4111111111111111u64,
-            "numbers stay"
+            v["arguments"]["amount"], "[MASKED:payment_card]1111",
+            "a card number sent as a JSON number is masked, recorded as a string"
         );
         assert!(
             v["arguments"]["notes"][0]
@@ -669,6 +742,37 @@ mod tests {
              nothing steps over multi-byte characters and ends"
         );
         assert_eq!(masked.rules.len(), 2);
+    }
+
+    #[test]
+    fn numbers_are_masked_like_their_text_and_other_numbers_stay() {
+        let m = default_masker();
+        let mut v = json!({"card": 4111111111111111u64, "qty": 3, "price": 12.5, "pin": 1234});
+        let masked = m.mask_value(&mut v, Scope::Params);
+        assert_eq!(v["card"], "[MASKED:payment_card]1111");
+        assert_eq!(
+            (v["qty"].clone(), v["price"].clone()),
+            (json!(3), json!(12.5))
+        );
+        assert!(masked.rules.contains("payment_card"));
+        let mut naive = json!({"card": 4111111111111111u64});
+        m.mask_value_naive(&mut naive, Scope::Params);
+        assert_eq!(naive["card"], "[MASKED:payment_card]1111");
+    }
+
+    #[test]
+    fn recorded_metadata_is_masked_by_every_rule_whatever_its_scope() {
+        let rs =
+            rules("[[rules]]\nname = \"ticket\"\npattern = 'T-\\d{4}'\nscope = [\"result\"]\n");
+        let m = Masker::new(&rs, [0; 32]).unwrap();
+        let mut args = ["deploy".to_owned(), "--ticket=T-1234".to_owned()];
+        let mut fired = BTreeSet::new();
+        assert!(m.mask_recorded_strings(args.iter_mut(), &mut fired));
+        assert_eq!(args[1], "--ticket=[MASKED:ticket]");
+        assert_eq!(fired.into_iter().collect::<Vec<_>>(), ["ticket"]);
+        let mut vars = json!({"JOB_TICKET": "T-9999", "N": 12});
+        assert_eq!(m.mask_recorded(&mut vars).rules.len(), 1);
+        assert_eq!(vars["JOB_TICKET"], "[MASKED:ticket]");
     }
 
     #[test]

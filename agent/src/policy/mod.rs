@@ -4,6 +4,7 @@
 pub mod access;
 pub mod approvals;
 pub mod brokering;
+pub mod gateway;
 pub mod live;
 pub mod masking;
 pub mod validators;
@@ -55,6 +56,8 @@ struct PolicyFile {
     access: access::AccessConfig,
     #[serde(default)]
     brokering: brokering::BrokeringConfig,
+    #[serde(default)]
+    gateway: gateway::GatewayConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -78,6 +81,8 @@ pub struct Policy {
     /// Headers set on requests to gateways from the secrets file (read when the policy is put
     /// in force, not when it is checked).
     pub brokering: brokering::BrokeringConfig,
+    /// What the proxy does with traffic it cannot read (`[gateway]`).
+    pub gateway: gateway::GatewayConfig,
     /// `embedded` or the file's path.
     pub source: String,
     pub sha256: [u8; 32],
@@ -154,6 +159,7 @@ impl Policy {
             masking: file.masking.rules,
             access: file.access,
             brokering: file.brokering,
+            gateway: file.gateway,
             source: source_name.to_owned(),
             sha256: Sha256::digest(text.as_bytes()).into(),
         })

@@ -17,11 +17,13 @@ pub mod procfs;
 pub mod scrub;
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use agent_common::Origin;
+use lru::LruCache;
 
 use crate::audit::record::{Ci, Parent, Process};
 
@@ -29,7 +31,9 @@ use crate::audit::record::{Ci, Parent, Process};
 pub const CMDLINE_MAX: usize = 4096;
 /// Parents recorded when the policy does not say.
 pub const DEFAULT_PARENT_DEPTH: usize = 4;
-/// Processes whose enrichment is cached; the cache is emptied when it grows past this.
+/// Processes whose enrichment is cached; when the cache is full the least recently used
+/// process is forgotten (never the lot: a burst of short-lived processes must not make every
+/// long-lived caller be read from /proc again).
 const CACHE_MAX: usize = 4096;
 /// Folders visited at most when looking for a cgroup by id.
 const CGROUP_WALK_MAX: usize = 200_000;
@@ -91,7 +95,8 @@ pub struct Identifier {
     settings: Settings,
     clk_tck: u64,
     btime: Option<u64>,
-    cache: Mutex<HashMap<(u32, u64), Arc<Enrichment>>>,
+    /// By pid and start time; least recently used evicted first, O(1) per lookup and insert.
+    cache: Mutex<LruCache<(u32, u64), Arc<Enrichment>>>,
     cgroup_paths: Mutex<HashMap<u64, String>>,
     users: Mutex<HashMap<u32, Option<String>>>,
     groups: Mutex<HashMap<u32, Option<String>>>,
@@ -111,10 +116,19 @@ impl Identifier {
             settings,
             clk_tck,
             btime,
-            cache: Mutex::default(),
+            cache: Mutex::new(enrichment_cache(CACHE_MAX)),
             cgroup_paths: Mutex::default(),
             users: Mutex::default(),
             groups: Mutex::default(),
+        }
+    }
+
+    /// The same identifier with room for only `capacity` processes, to watch eviction in tests.
+    #[cfg(test)]
+    fn with_cache_capacity(self, capacity: usize) -> Self {
+        Identifier {
+            cache: Mutex::new(enrichment_cache(capacity)),
+            ..self
         }
     }
 
@@ -165,6 +179,7 @@ impl Identifier {
             ));
         }
         let key = (pid, stat.start_ticks);
+        // `get`: a hit makes the process the most recently used.
         if let Some(hit) = self.cache.lock().expect("cache lock").get(&key) {
             return Ok(hit.clone());
         }
@@ -205,11 +220,8 @@ impl Identifier {
             return Err(errors.join("; "));
         }
         let e = Arc::new(e);
-        let mut cache = self.cache.lock().expect("cache lock");
-        if cache.len() >= CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(key, e.clone());
+        // When full, the least recently used process makes room.
+        self.cache.lock().expect("cache lock").put(key, e.clone());
         Ok(e)
     }
 
@@ -274,6 +286,12 @@ impl Identifier {
         *paths = found;
         paths.get(&id).cloned()
     }
+}
+
+/// An empty enrichment cache for at most `capacity` processes (at least one). `sparse`: it
+/// grows as processes come instead of taking room for all of them up front.
+fn enrichment_cache(capacity: usize) -> LruCache<(u32, u64), Arc<Enrichment>> {
+    LruCache::sparse(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN))
 }
 
 /// Every cgroup folder under `root` by inode number, as paths from the root (`/a/b`).
@@ -435,10 +453,69 @@ mod tests {
         let id = Identifier::new(Settings::default());
         let origin = origin_of_self(&own_comm());
         id.identify(&origin);
-        let keys: Vec<(u32, u64)> = id.cache.lock().unwrap().keys().copied().collect();
+        let keys: Vec<(u32, u64)> = id.cache.lock().unwrap().iter().map(|(k, _)| *k).collect();
         let stat =
             procfs::parse_stat(&std::fs::read_to_string("/proc/self/stat").unwrap()).unwrap();
         assert_eq!(keys, vec![(std::process::id(), stat.start_ticks)]);
+    }
+
+    /// A stand-in /proc entry for `pid`: a stat with that start time, an exe link, a cmdline.
+    fn fake_process(proc_root: &Path, pid: u32, start_ticks: u64) {
+        let dir = proc_root.join(pid.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        // Fields 3 (state) and 4 (ppid 0: no parents), then 5 to 21, then 22 (starttime).
+        let middle = ["0"; 17].join(" ");
+        std::fs::write(
+            dir.join("stat"),
+            format!("{pid} (fake) S 0 {middle} {start_ticks} 0 0\n"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(format!("/usr/bin/fake-{pid}"), dir.join("exe")).unwrap();
+        std::fs::write(dir.join("cmdline"), format!("fake-{pid}\0--flag\0")).unwrap();
+    }
+
+    fn cached(id: &Identifier) -> Vec<(u32, u64)> {
+        let mut keys: Vec<(u32, u64)> = id.cache.lock().unwrap().iter().map(|(k, _)| *k).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    #[test]
+    fn a_full_cache_forgets_the_least_recently_used_process_only() {
+        let proc_root = tempfile::tempdir().unwrap();
+        for pid in [101, 102, 103] {
+            fake_process(proc_root.path(), pid, 1000 + u64::from(pid));
+        }
+        let id = Identifier::new(Settings {
+            proc_root: proc_root.path().to_path_buf(),
+            ..Settings::default()
+        })
+        .with_cache_capacity(2);
+        // An empty kernel comm skips the comm check, which the fake entries would fail.
+        let origin = |pid: u32| Origin {
+            tgid: pid,
+            tid: pid,
+            ..Default::default()
+        };
+        for pid in [101, 102] {
+            let p = id.identify(&origin(pid));
+            assert_eq!(p.enrichment_error, None);
+            assert_eq!(p.exe, Some(format!("/usr/bin/fake-{pid}")));
+        }
+        assert_eq!(cached(&id), vec![(101, 1101), (102, 1102)]);
+        // 101 again comes from the cache (its exe link is gone now) and is the most
+        // recently used.
+        std::fs::remove_file(proc_root.path().join("101/exe")).unwrap();
+        let p = id.identify(&origin(101));
+        assert_eq!(p.exe.as_deref(), Some("/usr/bin/fake-101"), "a cache hit");
+        // A third process evicts the least recently used, 102; the table is not emptied.
+        assert_eq!(id.identify(&origin(103)).enrichment_error, None);
+        assert_eq!(cached(&id), vec![(101, 1101), (103, 1103)]);
+        assert_eq!(
+            id.identify(&origin(101)).exe.as_deref(),
+            Some("/usr/bin/fake-101"),
+            "still cached"
+        );
     }
 
     #[test]

@@ -4,60 +4,67 @@
 //! Keyed by session, the direction of the request, and its JSON-RPC id.
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
+
+use lru::LruCache;
 
 use crate::audit::record::Direction;
 
-/// Requests remembered at most; the oldest are forgotten first (their answers then get an
-/// exchange of their own, and the records still show the id).
+/// Requests remembered at most; the least recently used are forgotten first (their answers
+/// then get an exchange of their own, and the records still show the id). SSE event ids are
+/// bounded the same way, in a table of their own.
 const CAPACITY: usize = 100_000;
 
 type Key = (String, Direction, String);
 
-#[derive(Default)]
 pub struct Correlator {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
-    open: HashMap<Key, String>,
-    order: VecDeque<Key>,
+    /// Open requests, least recently used evicted first when full: every operation on it
+    /// (insert, lookup, close, eviction) is O(1).
+    open: LruCache<Key, String>,
     /// SSE event ids already recorded, by session: a stream resumed with `Last-Event-ID`
     /// may replay what an earlier stream carried.
-    seen: std::collections::HashSet<(String, String)>,
-    seen_order: VecDeque<(String, String)>,
+    seen: LruCache<(String, String), ()>,
+}
+
+impl Default for Correlator {
+    fn default() -> Self {
+        Correlator::with_capacity(CAPACITY)
+    }
 }
 
 impl Correlator {
+    /// A correlator that remembers at most `capacity` open requests and `capacity` SSE event
+    /// ids (at least one of each).
+    pub fn with_capacity(capacity: usize) -> Self {
+        let cap = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
+        Correlator {
+            inner: Mutex::new(Inner {
+                // `sparse`: the tables grow as they fill instead of taking room for every
+                // entry up front.
+                open: LruCache::sparse(cap),
+                seen: LruCache::sparse(cap),
+            }),
+        }
+    }
+
     /// Remembers that `exchange` is the request `id` sent in `direction` within `session`.
+    /// Opening it again replaces the exchange and makes it the most recently used.
     pub fn open(&self, session: &str, direction: Direction, id: &str, exchange: &str) {
         let key = (session.to_owned(), direction, id.to_owned());
         let mut inner = self.inner.lock().expect("correlator lock poisoned");
-        if inner
-            .open
-            .insert(key.clone(), exchange.to_owned())
-            .is_none()
-        {
-            inner.order.push_back(key);
-        }
-        while inner.order.len() > CAPACITY {
-            if let Some(old) = inner.order.pop_front() {
-                inner.open.remove(&old);
-            }
-        }
+        inner.open.put(key, exchange.to_owned());
     }
 
     /// The exchange of the request in `request_direction` that an answer with `id` closes.
     pub fn close(&self, session: &str, request_direction: Direction, id: &str) -> Option<String> {
         let key = (session.to_owned(), request_direction, id.to_owned());
         let mut inner = self.inner.lock().expect("correlator lock poisoned");
-        let exchange = inner.open.remove(&key)?;
-        if let Some(pos) = inner.order.iter().position(|k| *k == key) {
-            inner.order.remove(pos);
-        }
-        Some(exchange)
+        inner.open.pop(&key)
     }
 }
 
@@ -66,7 +73,12 @@ impl Correlator {
     /// notification belongs to the request it is about, which goes on.
     pub fn related(&self, session: &str, request_direction: Direction, id: &str) -> Option<String> {
         let key = (session.to_owned(), request_direction, id.to_owned());
-        let inner = self.inner.lock().expect("correlator lock poisoned");
+        let mut inner = self.inner.lock().expect("correlator lock poisoned");
+        // `get`, not `peek`: a notification about a request shows it is still in progress, so
+        // it counts as a use and keeps the entry from being the next one evicted. A long
+        // call that keeps reporting progress is then not forgotten behind a burst of short
+        // ones. (What is refreshed is the entry looked up, e.g. the progress token's, not
+        // the request id's entry as well.)
         inner.open.get(&key).cloned()
     }
 
@@ -74,15 +86,11 @@ impl Correlator {
     pub fn first_sight(&self, session: &str, event_id: &str) -> bool {
         let key = (session.to_owned(), event_id.to_owned());
         let mut inner = self.inner.lock().expect("correlator lock poisoned");
-        if !inner.seen.insert(key.clone()) {
+        // A replay refreshes the id: a stream being resumed may be resumed again.
+        if inner.seen.promote(&key) {
             return false;
         }
-        inner.seen_order.push_back(key);
-        while inner.seen_order.len() > CAPACITY {
-            if let Some(old) = inner.seen_order.pop_front() {
-                inner.seen.remove(&old);
-            }
-        }
+        inner.seen.put(key, ());
         true
     }
 
@@ -211,6 +219,61 @@ mod tests {
         assert!(!c.first_sight("s1", "ev-1"), "a replay after Last-Event-ID");
         assert!(c.first_sight("s2", "ev-1"), "another session");
         assert!(c.first_sight("s1", "ev-2"));
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_least_recently_used_request() {
+        let c = Correlator::with_capacity(3);
+        let d = Direction::ClientToServer;
+        c.open("s", d, "1", "ex-1");
+        c.open("s", d, "2", "ex-2");
+        c.open("s", d, "3", "ex-3");
+        // A notification about 1 keeps it in use; 2 is now the least recently used.
+        assert_eq!(c.related("s", d, "1").as_deref(), Some("ex-1"));
+        c.open("s", d, "4", "ex-4");
+        assert_eq!(c.related("s", d, "2"), None, "the least recently used goes");
+        assert_eq!(c.close("s", d, "1").as_deref(), Some("ex-1"));
+        assert_eq!(c.close("s", d, "3").as_deref(), Some("ex-3"));
+        assert_eq!(c.close("s", d, "4").as_deref(), Some("ex-4"));
+    }
+
+    #[test]
+    fn a_closed_request_is_gone_and_frees_its_place() {
+        let c = Correlator::with_capacity(2);
+        let d = Direction::ServerToClient;
+        c.open("s", d, "1", "ex-1");
+        c.open("s", d, "2", "ex-2");
+        assert_eq!(c.close("s", d, "1").as_deref(), Some("ex-1"));
+        assert_eq!(c.related("s", d, "1"), None);
+        assert_eq!(c.close("s", d, "1"), None);
+        // The closed entry's place is free: opening another evicts nothing.
+        c.open("s", d, "3", "ex-3");
+        assert_eq!(c.related("s", d, "2").as_deref(), Some("ex-2"));
+        assert_eq!(c.related("s", d, "3").as_deref(), Some("ex-3"));
+        assert_eq!(c.inner.lock().unwrap().open.len(), 2);
+    }
+
+    #[test]
+    fn retries_and_rounds_are_taken_once() {
+        let c = Correlator::with_capacity(4);
+        c.open_retry("st", "call-1", 2);
+        c.note_round("ex-9", "call-1", 2);
+        assert_eq!(c.retry("st"), Some(("call-1".to_owned(), 2)));
+        assert_eq!(c.retry("st"), None);
+        assert_eq!(c.round_of("ex-9"), Some(("call-1".to_owned(), 2)));
+        assert_eq!(c.round_of("ex-9"), None);
+    }
+
+    #[test]
+    fn seen_event_ids_are_bounded_least_recently_used_first() {
+        let c = Correlator::with_capacity(2);
+        assert!(c.first_sight("s", "ev-1"));
+        assert!(c.first_sight("s", "ev-2"));
+        // A replay of ev-1 refreshes it; ev-2 is the least recently used.
+        assert!(!c.first_sight("s", "ev-1"));
+        assert!(c.first_sight("s", "ev-3"));
+        assert!(!c.first_sight("s", "ev-1"), "still remembered");
+        assert!(c.first_sight("s", "ev-2"), "forgotten, so new again");
     }
 
     #[test]

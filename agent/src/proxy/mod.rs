@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod correlate;
+pub mod detect;
 pub mod http;
 pub mod relay;
 mod sse_props;
@@ -27,6 +28,10 @@ use crate::audit::record::{
     rfc3339,
 };
 use crate::intercept::{Interceptor, origin_destination};
+use crate::policy::gateway::{Gateway, Opaque};
+
+use self::detect::{DetectError, Protocol, Rewind};
+use self::http::gateway::{BoxIo, Connect, Io};
 
 /// Waits between origin look-ups. The kernel stores the origin before the client's final
 /// handshake ACK is sent, so the first look-up should hit; the retries only cover scheduling
@@ -51,6 +56,47 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Detect(#[from] DetectError),
+    #[error(
+        "refused: the client speaks {}, which the proxy cannot check, and the policy refuses what it cannot check (set `[gateway] opaque = \"relay\"` to relay such connections, counted but unread)",
+        .0.as_str()
+    )]
+    OpaqueRefused(Protocol),
+    #[error("connecting to the gateway timed out after {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("connecting to the gateway failed: {0}")]
+    UpstreamConnect(#[source] std::io::Error),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("relaying bytes failed: {0}")]
+    Relay(#[source] std::io::Error),
+    #[error("the agent stopped while the connection was open")]
+    Shutdown,
+}
+
+impl ProxyError {
+    /// The connection's recorded outcome: the one place a proxy error becomes one.
+    pub fn outcome(&self) -> Outcome {
+        let status = match self {
+            ProxyError::Detect(DetectError::Closed { .. }) => Status::Closed,
+            ProxyError::Detect(DetectError::Timeout { .. }) | ProxyError::OpaqueRefused(_) => {
+                Status::Refused
+            }
+            ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamConnect(_) => {
+                Status::UpstreamConnectFailed
+            }
+            ProxyError::Shutdown => Status::AgentShutdown,
+            ProxyError::Bind { .. }
+            | ProxyError::Detect(DetectError::Io(_))
+            | ProxyError::Http(_)
+            | ProxyError::Relay(_) => Status::RelayError,
+        };
+        Outcome {
+            status,
+            detail: Some(self.to_string()),
+        }
+    }
 }
 
 pub struct Settings {
@@ -220,19 +266,6 @@ async fn accept_loop(
     }
 }
 
-/// How long to wait for a client's first bytes before treating the connection as one where
-/// the server speaks first (relayed raw).
-const SNIFF_WAIT: Duration = Duration::from_millis(500);
-
-/// Whether the client opens with an HTTP/1.x request line. Peeks, so nothing is consumed.
-async fn sniff_http(client: &TcpStream) -> bool {
-    let mut buf = [0u8; 8];
-    match tokio::time::timeout(SNIFF_WAIT, client.peek(&mut buf)).await {
-        Ok(Ok(n)) => http::looks_like_http(&buf[..n]),
-        _ => false,
-    }
-}
-
 impl Shared {
     async fn find_origin(&self, peer: SocketAddr) -> Option<Origin> {
         for wait in std::iter::once(Duration::ZERO).chain(ORIGIN_RETRIES) {
@@ -286,11 +319,14 @@ impl Shared {
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        let active = self.settings.policy.current();
         if self.settings.on_audit_failure == OnAuditFailure::Block && !self.audit.healthy() {
             self.stats.blocked.fetch_add(1, Ordering::Relaxed);
             // An HTTP client gets told why, not just a closed connection.
             let mut client = client;
-            if sniff_http(&client).await {
+            if let Ok((Protocol::Http1, _)) =
+                detect::read_first(&mut client, active.gateway.first_bytes_timeout).await
+            {
                 let body = format!("mcptrail: {REFUSED_AUDIT_DOWN}\n");
                 let answer = format!(
                     "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -305,77 +341,55 @@ impl Shared {
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         // Read /proc at once: the caller may be short-lived.
         let identifier = self.settings.identifier.clone();
-        let process = tokio::task::spawn_blocking(move || identifier.identify(&origin))
+        let mut process = tokio::task::spawn_blocking(move || identifier.identify(&origin))
             .await
             .expect("identify does not panic");
+        // What the caller put in its command line and environment is masked like its
+        // messages: the trail stores it too.
+        http::records::mask_process(&active, &mut process);
 
         let shared_process = Arc::new(std::sync::RwLock::new(process));
         let counts = Arc::new(relay::Counts::default());
-        let outcome = match tokio::time::timeout(
-            self.settings.connect_timeout,
-            upstream::connect(dst, self.settings.mark),
-        )
-        .await
-        {
-            Err(_) => Outcome {
-                status: Status::UpstreamConnectFailed,
-                detail: Some(format!(
-                    "timed out after {:?}",
-                    self.settings.connect_timeout
-                )),
+        let _ = client.set_nodelay(true);
+        let conn_info = Connection {
+            client: peer.to_string(),
+            original_dst: dst.to_string(),
+            proxy: proxy_addr.clone(),
+            target: target.clone(),
+        };
+        let n = self.connections.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(http::records::Conn::new(
+            http::ConnParts {
+                audit: self.audit.clone(),
+                on_failure: self.settings.on_audit_failure,
+                stats: self.stats.clone(),
+                capture_limit: self.settings.capture_limit,
+                tracker: self.tracker.clone(),
+                correlator: self.correlator.clone(),
+                hold_end: self.settings.hold_end,
+                verifier: self.settings.verifier.clone(),
+                policy: self.settings.policy.clone(),
+                approvals: self.settings.approvals.clone(),
             },
-            Ok(Err(e)) => Outcome {
-                status: Status::UpstreamConnectFailed,
-                detail: Some(e.to_string()),
+            shared_process.clone(),
+            conn_info,
+            format!("{}.{n}", self.run_id),
+        ));
+        let route = Route {
+            connect: marked_connector(dst, self.settings.mark),
+            connect_timeout: self.settings.connect_timeout,
+        };
+        let client = relay::Counted::new(client, counts.clone());
+        let (protocol, result) = tokio::select! {
+            r = serve_client(client, route, active.gateway, conn) => r,
+            _ = cut.cancelled() => (None, Err(ProxyError::Shutdown)),
+        };
+        let outcome = match &result {
+            Ok(()) => Outcome {
+                status: Status::Closed,
+                detail: None,
             },
-            Ok(Ok(upstream)) => {
-                let _ = client.set_nodelay(true);
-                let http = sniff_http(&client).await;
-                let conn_info = Connection {
-                    client: peer.to_string(),
-                    original_dst: dst.to_string(),
-                    proxy: proxy_addr.clone(),
-                    target: target.clone(),
-                };
-                let relayed = async {
-                    if http {
-                        let n = self.connections.fetch_add(1, Ordering::Relaxed);
-                        let conn = Arc::new(http::Conn::new(
-                            http::ConnParts {
-                                audit: self.audit.clone(),
-                                on_failure: self.settings.on_audit_failure,
-                                stats: self.stats.clone(),
-                                capture_limit: self.settings.capture_limit,
-                                tracker: self.tracker.clone(),
-                                correlator: self.correlator.clone(),
-                                hold_end: self.settings.hold_end,
-                                verifier: self.settings.verifier.clone(),
-                                policy: self.settings.policy.clone(),
-                                approvals: self.settings.approvals.clone(),
-                            },
-                            shared_process.clone(),
-                            conn_info,
-                            format!("{}.{n}", self.run_id),
-                        ));
-                        let client = relay::Counted::new(client, counts.clone());
-                        http::serve(client, upstream, dst, self.settings.mark, conn).await
-                    } else {
-                        relay::relay(client, upstream, &counts)
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
-                };
-                tokio::select! {
-                    r = relayed => match r {
-                        Ok(()) => Outcome { status: Status::Closed, detail: None },
-                        Err(e) => Outcome { status: Status::RelayError, detail: Some(e) },
-                    },
-                    _ = cut.cancelled() => Outcome {
-                        status: Status::AgentShutdown,
-                        detail: Some("the agent stopped while the connection was open".into()),
-                    },
-                }
-            }
+            Err(e) => e.outcome(),
         };
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
         if outcome.status == Status::UpstreamConnectFailed {
@@ -401,10 +415,73 @@ impl Shared {
             },
             outcome,
             process: shared_process.read().expect("process lock").clone(),
+            protocol: protocol.map(|p| p.as_str().to_owned()),
         }));
         if let Err(e) = self.audit.append(event).await {
             self.stats.audit_losses.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, %peer, %dst, "could not record a connection: it is missing from the trail");
         }
     }
+}
+
+/// How the proxy reaches a connection's gateway.
+pub struct Route {
+    /// Opens a connection to the gateway (again, when it closes one between requests).
+    pub connect: Connect,
+    pub connect_timeout: Duration,
+}
+
+/// A connector that dials `dst` from sockets carrying the agent's mark.
+pub fn marked_connector(dst: SocketAddr, mark: u32) -> Connect {
+    Arc::new(move || {
+        Box::pin(async move {
+            let s = upstream::connect(dst, mark).await?;
+            Ok(Box::new(s) as BoxIo)
+        })
+    })
+}
+
+/// One redirected connection after its origin is known: its protocol is read from its first
+/// bytes, then it is served as HTTP (every request through the pipeline), relayed (opaque
+/// bytes, when the policy allows), or refused. Returns the protocol, when it was learnt, and
+/// how the connection ended. Transport-generic, so the whole path runs in-process in tests.
+pub async fn serve_client<C: Io>(
+    mut client: C,
+    route: Route,
+    gateway: Gateway,
+    conn: Arc<http::records::Conn>,
+) -> (Option<Protocol>, Result<(), ProxyError>) {
+    let (protocol, first) = match detect::read_first(&mut client, gateway.first_bytes_timeout).await
+    {
+        Ok(found) => found,
+        // Connected and left without a byte: nothing to relay or refuse.
+        Err(DetectError::Closed { got: 0 }) => return (None, Ok(())),
+        Err(e) => return (None, Err(e.into())),
+    };
+    if protocol != Protocol::Http1 && gateway.opaque == Opaque::Refuse {
+        return (Some(protocol), Err(ProxyError::OpaqueRefused(protocol)));
+    }
+    let upstream = match tokio::time::timeout(route.connect_timeout, (route.connect)()).await {
+        Err(_) => {
+            return (
+                Some(protocol),
+                Err(ProxyError::UpstreamTimeout(route.connect_timeout)),
+            );
+        }
+        Ok(Err(e)) => return (Some(protocol), Err(ProxyError::UpstreamConnect(e))),
+        Ok(Ok(u)) => u,
+    };
+    let client = Rewind::new(first, client);
+    let result = match protocol {
+        Protocol::Http1 => http::serve(client, upstream, route.connect, conn)
+            .await
+            .map_err(ProxyError::from),
+        // The client stream counts what passes; the relay's own counts are not needed.
+        Protocol::Tls | Protocol::H2 | Protocol::Opaque => {
+            relay::relay(client, upstream, &relay::Counts::default())
+                .await
+                .map_err(ProxyError::Relay)
+        }
+    };
+    (Some(protocol), result)
 }
