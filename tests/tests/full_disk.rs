@@ -115,6 +115,9 @@ fn run(mode: &str, label: &str) -> Full {
     let cgroup = TestCgroup::new(label);
     let disk = Tmpfs::new(work.path().join("disk"), "32m");
     let state = disk.0.join("state");
+    let policy = work.path().join("policy.toml");
+    let default = std::fs::read_to_string(tests_dir().join("../policies/default.toml")).unwrap();
+    std::fs::write(&policy, &default).unwrap();
     let agent = Agent::start_with(
         &state,
         &cgroup,
@@ -122,7 +125,12 @@ fn run(mode: &str, label: &str) -> Full {
             format!("127.0.0.1:{port}"),
             format!("127.0.0.1:{echo_port}"),
         ],
-        &["--on-audit-failure", mode],
+        &[
+            "--on-audit-failure",
+            mode,
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
         false,
     );
     let before = client(&cgroup, port);
@@ -147,6 +155,15 @@ fn run(mode: &str, label: &str) -> Full {
             break;
         }
     }
+    // A policy reload (and the target re-read SIGHUP also does) while the trail cannot take
+    // its record: the agent goes on, and the record is written once there is room.
+    std::fs::write(
+        &policy,
+        format!("{default}\n# reloaded while the disk was full\n"),
+    )
+    .unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     let status = agent.status();
     // Room again: the store reopens on its next write, and calls flow (and are recorded).
     std::fs::remove_file(disk.0.join("filler")).unwrap();
@@ -157,6 +174,17 @@ fn run(mode: &str, label: &str) -> Full {
         }
         ok
     });
+    if recovered {
+        wait_for_record(
+            &state,
+            std::time::Duration::from_secs(15),
+            "of the policy reload made while the disk was full",
+            |r| {
+                matches!(&r.event, mcptrail::audit::Event::PolicyChanged(p)
+                    if p.trigger == "SIGHUP" && p.loaded)
+            },
+        );
+    }
     drop(agent);
     if recovered {
         assert_verifies(&state);

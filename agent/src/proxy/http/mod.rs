@@ -33,6 +33,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 
 use self::body::{BodyError, Encoding, Prefixed};
 use self::gateway::{BoxIo, Connect, Gateway, GatewayError, Io};
@@ -235,14 +236,20 @@ async fn handle(
     };
     let is_mcp = plan.action != Action::Plain;
     let batch = plan.batch;
-    // The request's records are durable before the gateway sees a byte of it.
+    let action = plan.action.clone();
+    let held = match &plan.action {
+        Action::Hold(items) => held_calls(&plan, items),
+        _ => Vec::new(),
+    };
+    // The request's records are durable before the gateway sees a byte of it. The messages
+    // move into their records: no copy of the bodies.
     let recorded = record_request(
         &conn,
         &base,
         &http,
         cred,
         &session,
-        plan.clone(),
+        plan,
         wire_body.is_some(),
     )
     .await;
@@ -252,11 +259,10 @@ async fn handle(
         conn.parts.stats.blocked.fetch_add(1, Ordering::Relaxed);
         return respond::audit_down(&ids, batch);
     }
-    let refusal = match &plan.action {
-        Action::Refuse(r) => Some(r.clone()),
-        Action::Hold(held) => hold_for_approval(
+    let refusal = match action {
+        Action::Refuse(r) => Some(r),
+        Action::Hold(_) => hold_for_approval(
             &conn,
-            &plan,
             held,
             &recorded.pending,
             &process,
@@ -639,52 +645,66 @@ async fn wire_response(
     Response::from_parts(rparts, respond::full(body))
 }
 
-use tokio_stream::StreamExt as _;
+/// A call the rules held, as the approver sees it.
+struct HeldCall {
+    index: usize,
+    id: Option<Value>,
+    method: Option<String>,
+    name: Option<String>,
+    decision: Decision,
+}
+
+fn held_calls(plan: &Plan, items: &[usize]) -> Vec<HeldCall> {
+    items
+        .iter()
+        .filter_map(|&index| {
+            let item = plan.items.get(index)?;
+            let m = item.message.as_ref().ok()?;
+            Some(HeldCall {
+                index,
+                id: m.id.clone(),
+                method: m.method.clone(),
+                name: m.name.clone().or_else(|| m.uri.clone()),
+                decision: item.decision.clone()?,
+            })
+        })
+        .collect()
+}
 
 /// Holds the request's held calls (all of them, listed together) until an operator decides
 /// or the shortest of their rules' timeouts passes; `Ok` when approved, else the refusal to
 /// answer with. Each step is an `approval` record.
 async fn hold_for_approval(
     conn: &Conn,
-    plan: &Plan,
-    held: &[usize],
+    held: Vec<HeldCall>,
     pending: &[Pending],
     process: &Process,
     token: Option<&Token>,
     base: &str,
 ) -> Result<(), Decision> {
-    let calls: Vec<(HeldItem, &Decision)> = held
+    let timeout = held
         .iter()
-        .filter_map(|&i| {
-            let item = plan.items.get(i)?;
-            let m = item.message.as_ref().ok()?;
-            let d = item.decision.as_ref()?;
+        .filter_map(|c| c.decision.timeout_secs)
+        .min()
+        .unwrap_or(crate::policy::access::DEFAULT_APPROVAL_TIMEOUT_SECS);
+    let calls: Vec<HeldItem> = held
+        .into_iter()
+        .map(|c| HeldItem {
             // The exchange the request's records carry (a request opens its own).
-            let exchange =
-                m.id.as_ref()
-                    .and_then(|id| pending.iter().find(|p| &p.id == id))
-                    .map_or_else(|| format!("{base}.{i}"), |p| p.exchange.clone());
-            Some((
-                HeldItem {
-                    exchange,
-                    method: m.method.clone(),
-                    name: m.name.clone().or_else(|| m.uri.clone()),
-                    rule: d.rule.clone().unwrap_or_default(),
-                },
-                d,
-            ))
+            exchange: c
+                .id
+                .as_ref()
+                .and_then(|id| pending.iter().find(|p| &p.id == id))
+                .map_or_else(|| format!("{base}.{}", c.index), |p| p.exchange.clone()),
+            method: c.method,
+            name: c.name,
+            rule: c.decision.rule.unwrap_or_default(),
         })
         .collect();
-    let Some((first, first_decision)) = calls.first() else {
+    let Some(first) = calls.first() else {
         return Ok(());
     };
     let rule = first.rule.clone();
-    let timeout = calls
-        .iter()
-        .filter_map(|(_, d)| d.timeout_secs)
-        .min()
-        .unwrap_or(crate::policy::access::DEFAULT_APPROVAL_TIMEOUT_SECS);
-    let _ = first_decision;
     let held = Held {
         id: 0,
         since: now_rfc3339(),
@@ -705,7 +725,7 @@ async fn hold_for_approval(
         name: first.name.clone(),
         destination: conn.connection.original_dst.clone(),
         calls: if calls.len() > 1 {
-            calls.iter().map(|(c, _)| c.clone()).collect()
+            calls.clone()
         } else {
             Vec::new()
         },
