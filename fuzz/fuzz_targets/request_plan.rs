@@ -10,25 +10,32 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 mod mcp;
 
+// The modules the plan names by their crate paths (`crate::audit::record`, ...), included
+// by path (a `#[path]` inside an inline module would resolve below a folder that does not
+// exist) and re-exported where the plan looks for them.
+#[path = "../../agent/src/audit/record.rs"]
 #[allow(dead_code)]
+mod record_rs;
+#[path = "../../agent/src/policy/approvals.rs"]
+#[allow(dead_code)]
+mod approvals_rs;
+#[path = "../../agent/src/policy/gateway.rs"]
+#[allow(dead_code)]
+mod gateway_rs;
+#[path = "../../agent/src/proxy/http/plan.rs"]
+#[allow(dead_code)]
+mod plan_rs;
+
 mod audit {
-    #[path = "../../../agent/src/audit/record.rs"]
-    pub mod record;
+    pub(crate) use super::record_rs as record;
 }
-
-#[allow(dead_code)]
 mod policy {
-    #[path = "../../../agent/src/policy/approvals.rs"]
-    pub mod approvals;
-    #[path = "../../../agent/src/policy/gateway.rs"]
-    pub mod gateway;
+    pub(crate) use super::approvals_rs as approvals;
+    pub(crate) use super::gateway_rs as gateway;
 }
-
-#[allow(dead_code)]
 mod proxy {
     pub mod http {
-        #[path = "../../../../agent/src/proxy/http/plan.rs"]
-        pub mod plan;
+        pub(crate) use crate::plan_rs as plan;
     }
 }
 

@@ -179,7 +179,7 @@ fn print_plan(active: &Active, plan: Plan) {
                 wire |= active.masker.mask_value_wire(&mut v.clone(), scope).wire;
             }
         }
-        let masked = mask_message(
+        let (m, rules) = mask_message(
             active,
             Cred {
                 token: None,
@@ -188,15 +188,15 @@ fn print_plan(active: &Active, plan: Plan) {
             usize::MAX,
             m,
         );
-        fired.extend(masked.rules);
+        fired.extend(rules);
         let mut shown = serde_json::Map::new();
         shown.insert("jsonrpc".into(), "2.0".into());
         for (k, v) in [
-            ("id", masked.id),
-            ("method", masked.method.map(Value::String)),
-            ("params", masked.params),
-            ("result", masked.result),
-            ("error", masked.error),
+            ("id", m.id),
+            ("method", m.method.map(Value::String)),
+            ("params", m.params),
+            ("result", m.result),
+            ("error", m.error),
         ] {
             if let Some(v) = v {
                 shown.insert(k.into(), v);

@@ -142,6 +142,9 @@ pub struct Stats {
     pub audit_losses: AtomicU64,
     /// Calls and connections refused because the trail could not be written.
     pub blocked: AtomicU64,
+    /// Connections and requests refused because the proxy could not read them (`[gateway]`
+    /// `opaque` and `unparsed`, the first-bytes timeout).
+    pub unreadable_refused: AtomicU64,
 }
 
 impl Stats {
@@ -154,6 +157,7 @@ impl Stats {
             ("open_connections", &self.open),
             ("audit_losses", &self.audit_losses),
             ("blocked_by_audit_failure", &self.blocked),
+            ("refused_unreadable", &self.unreadable_refused),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
@@ -391,6 +395,11 @@ impl Shared {
             },
             Err(e) => e.outcome(),
         };
+        if outcome.status == Status::Refused {
+            self.stats
+                .unreadable_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
         self.stats.open.fetch_sub(1, Ordering::Relaxed);
         if outcome.status == Status::UpstreamConnectFailed {
             self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);

@@ -275,6 +275,12 @@ async fn handle(
         Action::Forward | Action::Plain => None,
     };
     if let Some(refusal) = refusal {
+        if matches!(refusal, Refusal::Unparsed(_)) {
+            conn.parts
+                .stats
+                .unreadable_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(rest) = rest {
             body::drain(rest).await;
         }

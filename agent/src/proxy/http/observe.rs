@@ -105,32 +105,14 @@ impl Observed {
     /// its last byte until the records are written.
     async fn observe(&mut self, rx: mpsc::UnboundedReceiver<Chunk>) -> Option<oneshot::Sender<()>> {
         let mut end = None;
-        if let Some(why) = self.codings_error.take() {
-            // Relayed as it came; only its size and why it was not read are recorded.
-            let mut rx = rx;
-            while let Some(chunk) = rx.recv().await {
-                match chunk {
-                    Chunk::Data(b) => self.resp_bytes += b.len() as u64,
-                    Chunk::End(release) => {
-                        end = Some(release);
-                        break;
-                    }
-                    Chunk::ClientGone => {
-                        self.client_closed = true;
-                        break;
-                    }
-                }
-            }
-            if self.is_mcp {
-                self.malformed(format!("{why}; relayed, not parsed"));
-            }
-            return end;
-        }
-        let sse = self
-            .http
-            .content_type
-            .as_deref()
-            .is_some_and(|c| c.starts_with("text/event-stream"));
+        // A coding the proxy cannot undo: the bytes are only counted, whatever they are.
+        let unreadable = self.codings_error.take();
+        let sse = unreadable.is_none()
+            && self
+                .http
+                .content_type
+                .as_deref()
+                .is_some_and(|c| c.starts_with("text/event-stream"));
         let json = self
             .http
             .content_type
@@ -216,7 +198,11 @@ impl Observed {
                     truncated = true;
                 }
             }
-            if json && !captured.is_empty() {
+            if let Some(why) = unreadable {
+                if self.is_mcp {
+                    self.malformed(format!("{why}; relayed, not parsed"));
+                }
+            } else if json && !captured.is_empty() {
                 let limit = parse_limit(self.conn.capture_limit());
                 if truncated {
                     self.malformed(format!(

@@ -144,18 +144,18 @@ impl Conn {
     ) -> McpEvent {
         let active = self.parts.policy.current();
         let client_info = mcp::client_info(&m).map(|v| mcp::bounded(v, 4096));
-        let masked = mask_message(&active, cred, self.capture_limit(), m);
+        let (m, rules) = mask_message(&active, cred, self.capture_limit(), m);
         McpEvent {
             client_info,
-            message: Some(masked.kind),
-            jsonrpc_id: masked.id,
-            method: masked.method,
-            name: masked.name,
-            uri: masked.uri,
-            params: masked.params,
-            result: masked.result,
-            error: masked.error,
-            masked: masked.rules.into_iter().collect(),
+            message: Some(m.kind),
+            jsonrpc_id: m.id,
+            method: m.method,
+            name: m.name,
+            uri: m.uri,
+            params: m.params,
+            result: m.result,
+            error: m.error,
+            masked: rules.into_iter().collect(),
             batch,
             ..self.mcp_event(exchange, direction, http, cred.token)
         }
@@ -189,24 +189,17 @@ fn token_label(fingerprint: &str) -> String {
     )
 }
 
-/// A message as it is recorded: its values masked (then bounded), with the rules that fired.
-pub struct MaskedMessage {
-    pub kind: mcp::Kind,
-    pub id: Option<Value>,
-    pub method: Option<String>,
-    pub name: Option<String>,
-    pub uri: Option<String>,
-    pub params: Option<Value>,
-    pub result: Option<Value>,
-    pub error: Option<Value>,
-    pub rules: BTreeSet<String>,
-}
-
 /// Masks a message for the record: the policy's rules, then (whatever the policy says) the
 /// gateway's brokered credential and the caller's own token; then bounds each value. Masked
-/// before it is bounded, so what is recorded never holds what a rule matched. The proxy and
-/// `mcptrail policy test` both show messages through this.
-pub fn mask_message(active: &Active, cred: Cred<'_>, limit: usize, m: Message) -> MaskedMessage {
+/// before it is bounded, so what is recorded never holds what a rule matched. Returns the
+/// message as recorded and the rules that fired. The proxy and `mcptrail policy test` both
+/// show messages through this.
+pub fn mask_message(
+    active: &Active,
+    cred: Cred<'_>,
+    limit: usize,
+    mut m: Message,
+) -> (Message, BTreeSet<String>) {
     let mut rules = BTreeSet::new();
     let mut mask = |v: Option<Value>, scope: Scope| {
         v.map(|mut v| {
@@ -222,29 +215,15 @@ pub fn mask_message(active: &Active, cred: Cred<'_>, limit: usize, m: Message) -
             mcp::bounded(v, limit)
         })
     };
-    let params = mask(m.params, Scope::Params);
-    let result = mask(m.result, Scope::Result);
-    let error = mask(m.error, Scope::Error);
-    // The names are recorded (and indexed) as they came: a rule that matched one masked it
-    // in `params` already, and the name must then not leak through its own field.
-    let mut names = [m.name, m.uri];
-    for n in names.iter_mut().flatten() {
-        active
-            .masker
-            .mask_recorded_strings(std::iter::once(n), &mut rules);
-    }
-    let [name, uri] = names;
-    MaskedMessage {
-        kind: m.kind,
-        id: m.id,
-        method: m.method,
-        name,
-        uri,
-        params,
-        result,
-        error,
-        rules,
-    }
+    m.params = mask(m.params.take(), Scope::Params);
+    m.result = mask(m.result.take(), Scope::Result);
+    m.error = mask(m.error.take(), Scope::Error);
+    // The names are recorded (and indexed) on their own: a rule that matched one in `params`
+    // must not see it leak through its own field.
+    active
+        .masker
+        .mask_recorded_strings(m.name.iter_mut().chain(m.uri.iter_mut()), &mut rules);
+    (m, rules)
 }
 
 /// The request's HTTP details as recorded: the URL and the header values the record keeps

@@ -497,6 +497,7 @@ async fn unknown_and_broken_codings_and_bombs_are_refused() {
         assert_eq!(v["error"]["code"], respond::CODE_INVALID_REQUEST);
     }
     assert!(h.stub.seen().is_empty());
+    assert_eq!(h.stats.snapshot()["refused_unreadable"], 3);
     let recs = h.wait_mcp("three refusals", |r| r.len() == 3).await;
     for e in &recs {
         let d = e.decision.as_ref().unwrap();
