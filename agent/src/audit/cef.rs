@@ -35,6 +35,7 @@ pub fn line(r: &StoredRecord) -> String {
             3,
         ),
         Event::Refused(_) => ("connection refused (not redirected)".to_owned(), 7),
+        Event::TlsFailure(t) => (format!("TLS handshake failed ({})", t.side), 6),
         Event::Http(h) => (format!("HTTP {} {}", h.http.method, h.http.path), 2),
         Event::Connection(_) => ("connection".to_owned(), 2),
         other => (other.kind().to_owned(), 1),

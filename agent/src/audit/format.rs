@@ -105,6 +105,22 @@ pub fn line(r: &StoredRecord) -> String {
                 .map(|x| format!(" error: {x}"))
                 .unwrap_or_default()
         ),
+        Event::TlsFailure(e) => format!(
+            "{}[{}] uid={} {} -> {} {}{}: {}",
+            e.process.comm,
+            e.process.pid,
+            e.process.uid,
+            e.process.exe.as_deref().unwrap_or("?"),
+            e.connection.original_dst,
+            e.side,
+            e.connection
+                .tls
+                .as_ref()
+                .and_then(|t| t.sni.as_deref())
+                .map(|s| format!(" sni={s}"))
+                .unwrap_or_default(),
+            e.reason
+        ),
         Event::Approval(e) => format!(
             "#{} {} rule={} pid={} {} exchange={}{}{}",
             e.id,
@@ -176,7 +192,7 @@ pub fn colored_line(r: &StoredRecord) -> String {
     let plain = line(r);
     let kind = r.record.event.kind();
     let alarm = match &r.record.event {
-        Event::Refused(_) => true,
+        Event::Refused(_) | Event::TlsFailure(_) => true,
         Event::Mcp(m) => {
             m.malformed.is_some()
                 || m.header_mismatch.is_some()
@@ -277,6 +293,7 @@ mod tests {
                 original_dst: "10.0.0.5:8811".into(),
                 proxy: "127.0.0.1:15811".into(),
                 target: None,
+                tls: None,
             },
             timing: Timing {
                 start: String::new(),

@@ -205,6 +205,7 @@ pub fn process(event: &Event) -> Option<&Process> {
         Event::Connection(c) => Some(&c.process),
         Event::Mcp(m) => Some(&m.process),
         Event::Http(h) => Some(&h.process),
+        Event::TlsFailure(t) => Some(&t.process),
         _ => None,
     }
 }

@@ -41,6 +41,8 @@ pub enum Event {
     Mcp(Box<McpEvent>),
     /// An HTTP request on a redirected connection that carried no MCP message.
     Http(Box<HttpEvent>),
+    /// A TLS handshake that failed, with the client or with the gateway.
+    TlsFailure(Box<TlsFailureEvent>),
 }
 
 impl Event {
@@ -55,6 +57,7 @@ impl Event {
             Event::Approval(_) => "approval",
             Event::Mcp(_) => "mcp",
             Event::Http(_) => "http",
+            Event::TlsFailure(_) => "tls_failure",
         }
     }
 
@@ -70,6 +73,7 @@ impl Event {
             Event::Approval(e) => &e.time,
             Event::Mcp(e) => &e.time,
             Event::Http(e) => &e.time,
+            Event::TlsFailure(e) => &e.time,
         }
     }
 }
@@ -311,6 +315,62 @@ pub struct Connection {
     /// The configured target the destination matched (`*:8811`, `gw.internal:8811`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// For a TLS connection: how it was handled and what each side negotiated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// A TLS connection, as the proxy handled it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tls {
+    /// `terminate` (the proxy reads the traffic) or `passthrough` (relayed untouched).
+    pub mode: String,
+    /// The version and cipher suite negotiated with the gateway (passthrough: what the
+    /// gateway's ServerHello chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher: Option<String>,
+    /// The server name the client asked for (SNI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// The protocols the client offered (ALPN), and the one agreed, if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpn_offered: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<String>,
+    /// The gateway's certificate (terminate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamCert>,
+}
+
+/// The gateway's leaf certificate, as the proxy saw and checked it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamCert {
+    pub subject: String,
+    pub issuer: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sans: Vec<String>,
+    /// RFC 3339.
+    pub not_after: String,
+    /// Hex SHA-256 of the DER certificate.
+    pub sha256: String,
+    /// Verified against the system's roots and the configured extra ones.
+    pub verified: bool,
+}
+
+/// A TLS handshake that failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TlsFailureEvent {
+    pub time: String,
+    /// `client` (the caller did not complete the handshake with the proxy, for example
+    /// because it does not trust the host CA) or `upstream` (the gateway's certificate or
+    /// handshake was refused).
+    pub side: String,
+    /// The alert or the reason, and what to do about it.
+    pub reason: String,
+    pub process: Process,
+    pub connection: Connection,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod approvals;
+mod ca;
 mod detach;
 mod export;
 mod filter;
@@ -69,6 +70,9 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// The checkpoint signing key.
     Key(key::KeyArgs),
+    /// The host CA that TLS termination signs clients' leaves with: export, install in the
+    /// system store, uninstall, rotate.
+    Ca(ca::CaArgs),
     /// Check a policy file, or try it on a message without traffic.
     Policy(policy::PolicyArgs),
     /// List the calls held for approval: who asks for what, since when.
@@ -100,6 +104,7 @@ pub fn main() -> ExitCode {
         Command::Detach => detach::run(&cli.state_dir),
         Command::Verify(args) => verify::run(&cli.state_dir, args),
         Command::Key(args) => key::run(&cli.state_dir, args),
+        Command::Ca(args) => ca::run(&cli.state_dir, args),
         Command::Policy(args) => policy::run(&cli.state_dir, args),
         Command::Approvals(args) => approvals::list(&cli.state_dir, args),
         Command::Approve(args) => approvals::decide(&cli.state_dir, args, true),

@@ -24,6 +24,7 @@ use crate::intercept::{self, FailMode, Interceptor, Target, bypass};
 use crate::policy::Policy;
 use crate::policy::approvals::{Approvals, Approver, Verdict};
 use crate::policy::live::Live;
+use crate::policy::tls::Mode;
 use crate::process;
 use crate::proxy::{self, OnAuditFailure, Proxy, Stats};
 
@@ -147,6 +148,18 @@ pub struct RunArgs {
     /// Seconds to wait for the gateway to accept a relayed connection.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout: u64,
+
+    /// How TLS connections to the targets are handled when no `[[tls.gateways]]` entry of
+    /// the policy says: `terminate` decrypts them (clients are shown a leaf from the host CA,
+    /// see `mcptrail ca`; the gateway's certificate is verified) so that the policy applies and
+    /// the trail records every message; `passthrough` relays them untouched.
+    #[arg(long, value_enum, default_value_t = Mode::Terminate)]
+    pub tls_mode: Mode,
+
+    /// More CA certificates (a PEM bundle) that gateways' certificates may chain to, besides
+    /// the system's store. Repeat for several.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
 
     /// Seconds that open connections may go on after a stop signal before they are cut.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
@@ -354,6 +367,17 @@ async fn serve(
             }
         });
     }
+    let tls = Arc::new(
+        proxy::tls::TlsContext::new(
+            state_dir,
+            args.tls_mode,
+            &args.upstream_ca,
+            &policy.tls.ca_name_constraints,
+        )
+        .context(
+            "setting up TLS termination (the host CA and the roots gateways are checked against)",
+        )?,
+    );
     let proxy = Proxy::new(
         listeners,
         interceptor.clone(),
@@ -368,6 +392,7 @@ async fn serve(
             capture_limit: args.capture_limit,
             hold_end: args.durability == DurabilityArg::Sync,
             on_audit_failure: args.on_audit_failure,
+            tls: Some(tls),
         },
         tracker.clone(),
     )?;
@@ -871,6 +896,8 @@ impl StatusSource {
             })).collect::<Vec<_>>(),
             "kernel_counters": self.interceptor.counters(),
             "proxy_counters": self.stats.snapshot(),
+            // Clients whose TLS handshakes failed (most likely: they do not trust the host CA).
+            "tls_client_failures": *self.stats.tls_clients.lock().expect("tls clients lock"),
             "bypassing": bypassing,
         })
     }

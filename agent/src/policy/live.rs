@@ -18,6 +18,8 @@ pub struct Active {
     pub broker: Broker,
     /// `[gateway]` with its defaults worked out against the access rules.
     pub gateway: Gateway,
+    /// `[tls]`, compiled.
+    pub tls: super::tls::TlsRules,
 }
 
 pub struct Live {
@@ -76,7 +78,12 @@ fn build(policy: Policy, hash_key: [u8; 32], secrets: bool) -> Result<Active, Po
     } else {
         Broker::none()
     };
+    let tls = super::tls::TlsRules::new(&policy.tls).map_err(|message| PolicyError::Invalid {
+        source_name: policy.source.clone(),
+        message,
+    })?;
     Ok(Active {
+        tls,
         gateway: Gateway::new(&policy.gateway, policy.access.can_refuse()),
         policy,
         masker,

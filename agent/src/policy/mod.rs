@@ -7,6 +7,7 @@ pub mod brokering;
 pub mod gateway;
 pub mod live;
 pub mod masking;
+pub mod tls;
 pub mod validators;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,8 @@ struct PolicyFile {
     brokering: brokering::BrokeringConfig,
     #[serde(default)]
     gateway: gateway::GatewayConfig,
+    #[serde(default)]
+    tls: tls::TlsConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -83,6 +86,8 @@ pub struct Policy {
     pub brokering: brokering::BrokeringConfig,
     /// What the proxy does with traffic it cannot read (`[gateway]`).
     pub gateway: gateway::GatewayConfig,
+    /// How TLS to each gateway is handled (`[tls]`).
+    pub tls: tls::TlsConfig,
     /// `embedded` or the file's path.
     pub source: String,
     pub sha256: [u8; 32],
@@ -146,6 +151,10 @@ impl Policy {
             source_name: source_name.to_owned(),
             message: at_access_rule(text, &e),
         })?;
+        tls::TlsRules::new(&file.tls).map_err(|message| PolicyError::Invalid {
+            source_name: source_name.to_owned(),
+            message,
+        })?;
         if file.version != SCHEMA_VERSION {
             return Err(PolicyError::Version {
                 source_name: source_name.to_owned(),
@@ -160,6 +169,7 @@ impl Policy {
             access: file.access,
             brokering: file.brokering,
             gateway: file.gateway,
+            tls: file.tls,
             source: source_name.to_owned(),
             sha256: Sha256::digest(text.as_bytes()).into(),
         })

@@ -10,6 +10,7 @@ pub mod detect;
 pub mod http;
 pub mod relay;
 mod sse_props;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -28,7 +29,9 @@ use crate::audit::record::{
     rfc3339,
 };
 use crate::intercept::{Interceptor, origin_destination};
-use crate::policy::gateway::{Gateway, Opaque};
+use crate::policy::gateway::Opaque;
+use crate::policy::live::Active;
+use crate::policy::tls::Mode;
 
 use self::detect::{DetectError, Protocol, Rewind};
 use self::http::gateway::{BoxIo, Connect, Io};
@@ -73,6 +76,8 @@ pub enum ProxyError {
     Relay(#[source] std::io::Error),
     #[error("the agent stopped while the connection was open")]
     Shutdown,
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 impl ProxyError {
@@ -80,9 +85,9 @@ impl ProxyError {
     pub fn outcome(&self) -> Outcome {
         let status = match self {
             ProxyError::Detect(DetectError::Closed { .. }) => Status::Closed,
-            ProxyError::Detect(DetectError::Timeout { .. }) | ProxyError::OpaqueRefused(_) => {
-                Status::Refused
-            }
+            ProxyError::Detect(DetectError::Timeout { .. })
+            | ProxyError::OpaqueRefused(_)
+            | ProxyError::Tls(_) => Status::Refused,
             ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamConnect(_) => {
                 Status::UpstreamConnectFailed
             }
@@ -116,6 +121,8 @@ pub struct Settings {
     /// Hold each response's last byte until its records are durable (sync durability).
     pub hold_end: bool,
     pub on_audit_failure: OnAuditFailure,
+    /// TLS termination (the host CA, the roots); None: TLS is opaque to the proxy.
+    pub tls: Option<Arc<tls::TlsContext>>,
 }
 
 /// What to do with traffic when the trail cannot be written (a full disk, an I/O error).
@@ -145,6 +152,48 @@ pub struct Stats {
     /// Connections and requests refused because the proxy could not read them (`[gateway]`
     /// `opaque` and `unparsed`, the first-bytes timeout).
     pub unreadable_refused: AtomicU64,
+    /// TLS handshakes that failed, with the client or with the gateway.
+    pub tls_failures: AtomicU64,
+    /// Clients whose TLS handshakes with the proxy failed since the start, by executable
+    /// (the processes that do not trust the host CA): what `status` shows an operator.
+    pub tls_clients: std::sync::Mutex<std::collections::BTreeMap<String, TlsClientFailures>>,
+}
+
+/// Failed client handshakes of one executable.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TlsClientFailures {
+    pub count: u64,
+    pub last_reason: String,
+    pub last_time: String,
+    pub last_pid: u32,
+}
+
+/// Executables `status` keeps failed handshakes for, at most.
+const TLS_CLIENTS_MAX: usize = 1024;
+
+impl Stats {
+    /// Counts a failed handshake; a client-side one is also kept by executable.
+    pub fn note_tls_failure(
+        &self,
+        side: &str,
+        process: &crate::audit::record::Process,
+        reason: &str,
+    ) {
+        self.tls_failures.fetch_add(1, Ordering::Relaxed);
+        if side != "client" {
+            return;
+        }
+        let exe = process.exe.clone().unwrap_or_else(|| process.comm.clone());
+        let mut clients = self.tls_clients.lock().expect("tls clients lock");
+        if clients.len() >= TLS_CLIENTS_MAX && !clients.contains_key(&exe) {
+            return;
+        }
+        let e = clients.entry(exe).or_default();
+        e.count += 1;
+        e.last_reason = reason.to_owned();
+        e.last_time = now_rfc3339();
+        e.last_pid = process.pid;
+    }
 }
 
 impl Stats {
@@ -158,6 +207,7 @@ impl Stats {
             ("audit_losses", &self.audit_losses),
             ("blocked_by_audit_failure", &self.blocked),
             ("refused_unreadable", &self.unreadable_refused),
+            ("tls_failures", &self.tls_failures),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.load(Ordering::Relaxed)))
@@ -360,9 +410,10 @@ impl Shared {
             original_dst: dst.to_string(),
             proxy: proxy_addr.clone(),
             target: target.clone(),
+            tls: None,
         };
         let n = self.connections.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(http::records::Conn::new(
+        let conn = http::records::Conn::new(
             http::ConnParts {
                 audit: self.audit.clone(),
                 on_failure: self.settings.on_audit_failure,
@@ -378,16 +429,23 @@ impl Shared {
             shared_process.clone(),
             conn_info,
             format!("{}.{n}", self.run_id),
-        ));
+        );
         let route = Route {
+            dst,
             connect: marked_connector(dst, self.settings.mark),
             connect_timeout: self.settings.connect_timeout,
+            tls: self.settings.tls.clone(),
         };
         let client = relay::Counted::new(client, counts.clone());
-        let (protocol, result) = tokio::select! {
-            r = serve_client(client, route, active.gateway, conn) => r,
-            _ = cut.cancelled() => (None, Err(ProxyError::Shutdown)),
+        let served = tokio::select! {
+            r = serve_client(client, route, active, conn) => r,
+            _ = cut.cancelled() => Served {
+                protocol: None,
+                tls: None,
+                result: Err(ProxyError::Shutdown),
+            },
         };
+        let (protocol, result) = (served.protocol, served.result);
         let outcome = match &result {
             Ok(()) => Outcome {
                 status: Status::Closed,
@@ -412,6 +470,7 @@ impl Shared {
                 original_dst: dst.to_string(),
                 proxy: proxy_addr,
                 target,
+                tls: served.tls,
             },
             timing: Timing {
                 start: rfc3339(started),
@@ -435,9 +494,13 @@ impl Shared {
 
 /// How the proxy reaches a connection's gateway.
 pub struct Route {
+    /// The gateway's address (the connection's original destination).
+    pub dst: SocketAddr,
     /// Opens a connection to the gateway (again, when it closes one between requests).
     pub connect: Connect,
     pub connect_timeout: Duration,
+    /// TLS termination; None: TLS is relayed or refused like other opaque bytes.
+    pub tls: Option<Arc<tls::TlsContext>>,
 }
 
 /// A connector that dials `dst` from sockets carrying the agent's mark.
@@ -450,47 +513,148 @@ pub fn marked_connector(dst: SocketAddr, mark: u32) -> Connect {
     })
 }
 
+/// How a connection went: what it spoke, what TLS it used, how it ended.
+pub struct Served {
+    pub protocol: Option<Protocol>,
+    pub tls: Option<crate::audit::record::Tls>,
+    pub result: Result<(), ProxyError>,
+}
+
+impl Served {
+    fn ended(protocol: Option<Protocol>, result: Result<(), ProxyError>) -> Self {
+        Served {
+            protocol,
+            tls: None,
+            result,
+        }
+    }
+}
+
+async fn connect_upstream(route: &Route) -> Result<BoxIo, ProxyError> {
+    match tokio::time::timeout(route.connect_timeout, (route.connect)()).await {
+        Err(_) => Err(ProxyError::UpstreamTimeout(route.connect_timeout)),
+        Ok(Err(e)) => Err(ProxyError::UpstreamConnect(e)),
+        Ok(Ok(u)) => Ok(u),
+    }
+}
+
 /// One redirected connection after its origin is known: its protocol is read from its first
-/// bytes, then it is served as HTTP (every request through the pipeline), relayed (opaque
-/// bytes, when the policy allows), or refused. Returns the protocol, when it was learnt, and
-/// how the connection ended. Transport-generic, so the whole path runs in-process in tests.
+/// bytes, then it is served as HTTP (every request through the pipeline), as TLS (terminated
+/// into the same pipeline, or passed through), relayed (opaque bytes, when the policy
+/// allows), or refused. Transport-generic, so the whole path runs in-process in tests.
 pub async fn serve_client<C: Io>(
     mut client: C,
     route: Route,
-    gateway: Gateway,
-    conn: Arc<http::records::Conn>,
-) -> (Option<Protocol>, Result<(), ProxyError>) {
+    active: Arc<Active>,
+    mut conn: http::records::Conn,
+) -> Served {
+    let gateway = active.gateway;
     let (protocol, first) = match detect::read_first(&mut client, gateway.first_bytes_timeout).await
     {
         Ok(found) => found,
         // Connected and left without a byte: nothing to relay or refuse.
-        Err(DetectError::Closed { got: 0 }) => return (None, Ok(())),
-        Err(e) => return (None, Err(e.into())),
+        Err(DetectError::Closed { got: 0 }) => return Served::ended(None, Ok(())),
+        Err(e) => return Served::ended(None, Err(e.into())),
     };
-    if protocol != Protocol::Http1 && gateway.opaque == Opaque::Refuse {
-        return (Some(protocol), Err(ProxyError::OpaqueRefused(protocol)));
+    let tls = route.tls.clone().filter(|_| protocol == Protocol::Tls);
+    if protocol != Protocol::Http1 && tls.is_none() && gateway.opaque == Opaque::Refuse {
+        return Served::ended(Some(protocol), Err(ProxyError::OpaqueRefused(protocol)));
     }
-    let upstream = match tokio::time::timeout(route.connect_timeout, (route.connect)()).await {
-        Err(_) => {
-            return (
-                Some(protocol),
-                Err(ProxyError::UpstreamTimeout(route.connect_timeout)),
-            );
-        }
-        Ok(Err(e)) => return (Some(protocol), Err(ProxyError::UpstreamConnect(e))),
-        Ok(Ok(u)) => u,
+    let Some(ctx) = tls else {
+        let upstream = match connect_upstream(&route).await {
+            Ok(u) => u,
+            Err(e) => return Served::ended(Some(protocol), Err(e)),
+        };
+        let client = Rewind::new(first, client);
+        let result = match protocol {
+            Protocol::Http1 => http::serve(client, upstream, route.connect, Arc::new(conn))
+                .await
+                .map_err(ProxyError::from),
+            // The client stream counts what passes; the relay's own counts are not needed.
+            Protocol::Tls | Protocol::H2 | Protocol::Opaque => {
+                relay::relay(client, upstream, &relay::Counts::default())
+                    .await
+                    .map_err(ProxyError::Relay)
+            }
+        };
+        return Served::ended(Some(protocol), result);
+    };
+    let (hello, first) =
+        match tls::read_client_hello(&mut client, first, gateway.first_bytes_timeout).await {
+            Ok(h) => h,
+            Err(e) => return Served::ended(Some(protocol), Err(e.into())),
+        };
+    let entry = active
+        .tls
+        .gateway(
+            &conn.connection.original_dst,
+            route.dst.port(),
+            hello.sni.as_deref(),
+        )
+        .cloned();
+    let mode = entry
+        .as_ref()
+        .and_then(|g| g.mode)
+        .unwrap_or(ctx.default_mode);
+    let upstream = match connect_upstream(&route).await {
+        Ok(u) => u,
+        Err(e) => return Served::ended(Some(protocol), Err(e)),
     };
     let client = Rewind::new(first, client);
-    let result = match protocol {
-        Protocol::Http1 => http::serve(client, upstream, route.connect, conn)
-            .await
-            .map_err(ProxyError::from),
-        // The client stream counts what passes; the relay's own counts are not needed.
-        Protocol::Tls | Protocol::H2 | Protocol::Opaque => {
-            relay::relay(client, upstream, &relay::Counts::default())
+    if mode == Mode::Passthrough {
+        let (info, result) = tls::passthrough(client, upstream, &hello).await;
+        return Served {
+            protocol: Some(protocol),
+            tls: Some(info),
+            result: result.map_err(ProxyError::Relay),
+        };
+    }
+    let target = conn.connection.target.clone();
+    match tls::terminate(
+        &ctx,
+        client,
+        upstream,
+        route.connect.clone(),
+        &hello,
+        entry.as_ref(),
+        target.as_deref(),
+        route.dst,
+    )
+    .await
+    {
+        Ok(t) => {
+            conn.connection.tls = Some(t.info.clone());
+            let result = http::serve(t.client, t.upstream, t.connect, Arc::new(conn))
                 .await
-                .map_err(ProxyError::Relay)
+                .map_err(ProxyError::from);
+            Served {
+                protocol: Some(protocol),
+                tls: Some(t.info),
+                result,
+            }
         }
-    };
-    (Some(protocol), result)
+        Err(failed) => {
+            let tls::Failed { error: e, info } = *failed;
+            let (side, reason) = (e.side(), e.to_string());
+            tracing::warn!(side, %reason, sni = ?info.sni, "a TLS handshake failed");
+            conn.connection.tls = Some(info.clone());
+            let process = conn.process();
+            conn.parts.stats.note_tls_failure(side, &process, &reason);
+            conn.record(crate::audit::record::Event::TlsFailure(Box::new(
+                crate::audit::record::TlsFailureEvent {
+                    time: now_rfc3339(),
+                    side: side.to_owned(),
+                    reason,
+                    process,
+                    connection: conn.connection.clone(),
+                },
+            )))
+            .await;
+            Served {
+                protocol: Some(protocol),
+                tls: Some(info),
+                result: Err(e.into()),
+            }
+        }
+    }
 }

@@ -58,7 +58,7 @@ counterexamples = ["T-12"]
 "#;
 
 /// The proxy's side of one connection: its protocol, when learnt, and how it ended.
-type ConnTask = tokio::task::JoinHandle<(Option<Protocol>, Result<(), ProxyError>)>;
+type ConnTask = tokio::task::JoinHandle<crate::proxy::Served>;
 
 /// What the stub gateway was sent.
 #[derive(Clone, Debug)]
@@ -106,6 +106,8 @@ struct Stub {
     answer: Answer,
     /// The gateway closes each connection after one answer (an HTTP/1.1 server may).
     close_each: bool,
+    /// The gateway speaks TLS with this configuration.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Stub {
@@ -114,6 +116,7 @@ impl Stub {
             seen: Arc::default(),
             answer,
             close_each: false,
+            tls: None,
         })
     }
 
@@ -126,6 +129,7 @@ impl Stub {
         let stub = self.clone();
         Arc::new(move || {
             let stub = stub.clone();
+            let stub_tls = stub.tls.clone();
             Box::pin(async move {
                 let (ours, theirs) = tokio::io::duplex(1 << 16);
                 tokio::spawn(async move {
@@ -152,8 +156,20 @@ impl Stub {
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
+                    let io: BoxIo = match &stub_tls {
+                        None => Box::new(theirs),
+                        Some(config) => {
+                            match tokio_rustls::TlsAcceptor::from(config.clone())
+                                .accept(theirs)
+                                .await
+                            {
+                                Ok(tls) => Box::new(tls),
+                                Err(_) => return,
+                            }
+                        }
+                    };
                     let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(theirs), service)
+                        .serve_connection(TokioIo::new(io), service)
                         .await;
                 });
                 Ok(Box::new(ours) as BoxIo)
@@ -172,6 +188,8 @@ struct Harness {
     stats: Arc<Stats>,
     tracker: tokio_util::task::TaskTracker,
     connections: std::sync::atomic::AtomicU64,
+    /// TLS termination, when the test turns it on.
+    tls: Option<Arc<crate::proxy::tls::TlsContext>>,
     _writer: std::thread::JoinHandle<()>,
 }
 
@@ -201,15 +219,16 @@ impl Harness {
             stats: Arc::default(),
             tracker: tokio_util::task::TaskTracker::new(),
             connections: Default::default(),
+            tls: None,
             _writer: writer,
         }
     }
 
-    fn conn(&self, process: Process) -> Arc<Conn> {
+    fn conn(&self, process: Process) -> Conn {
         let n = self
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Arc::new(Conn::new(
+        Conn::new(
             ConnParts {
                 audit: self.audit.clone(),
                 on_failure: OnAuditFailure::Block,
@@ -228,21 +247,23 @@ impl Harness {
                 original_dst: "10.0.0.5:8811".into(),
                 proxy: "127.0.0.1:15811".into(),
                 target: None,
+                tls: None,
             },
             format!("t.{n}"),
-        ))
+        )
     }
 
     /// Starts the proxy's connection path on a pipe; returns the client's end and the task.
     fn open(&self, process: Process) -> (tokio::io::DuplexStream, ConnTask) {
         let (client, proxy_side) = tokio::io::duplex(1 << 16);
-        let gateway = self.live.current().gateway;
         let route = Route {
+            dst: "10.0.0.5:8811".parse().unwrap(),
             connect: self.stub.connect(),
             connect_timeout: Duration::from_secs(5),
+            tls: self.tls.clone(),
         };
         let conn = self.conn(process);
-        let task = tokio::spawn(serve_client(proxy_side, route, gateway, conn));
+        let task = tokio::spawn(serve_client(proxy_side, route, self.live.current(), conn));
         (client, task)
     }
 
@@ -277,12 +298,12 @@ impl Harness {
             out
         });
         let w = write(w).await;
-        let (protocol, result) = tokio::time::timeout(Duration::from_secs(20), task)
+        let served = tokio::time::timeout(Duration::from_secs(20), task)
             .await
             .expect("the connection ends")
             .unwrap();
         drop(w);
-        (reader.await.unwrap(), protocol, result)
+        (reader.await.unwrap(), served.protocol, served.result)
     }
 
     fn records(&self) -> Vec<Record> {
@@ -866,6 +887,7 @@ async fn gateway_connections_do_not_pile_up_across_reconnects() {
         seen: Arc::default(),
         answer: echo(),
         close_each: true,
+        tls: None,
     });
     let connect = stub.connect();
     let first = connect().await.unwrap();
@@ -887,4 +909,406 @@ async fn gateway_connections_do_not_pile_up_across_reconnects() {
         "{} connection tasks",
         gateway.live_tasks()
     );
+}
+
+/// TLS through the same pipeline: a gateway with its own CA, the proxy terminating with a
+/// host CA of its own (or passing through), a rustls client.
+mod tls {
+    use super::*;
+    use crate::policy::tls::Mode;
+    use crate::proxy::tls::TlsContext;
+    use rustls::pki_types::ServerName;
+
+    struct Pki {
+        /// The gateway's CA, as a PEM file the proxy may be told to trust.
+        ca_file: std::path::PathBuf,
+        ca_der: rustls::pki_types::CertificateDer<'static>,
+        gateway: Arc<rustls::ServerConfig>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A CA and a gateway certificate for `gw.test` and 10.0.0.5 signed by it.
+    fn pki() -> Pki {
+        pki_with(rustls::DEFAULT_VERSIONS)
+    }
+
+    fn pki_with(versions: &[&'static rustls::SupportedProtocolVersion]) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "gateway test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["gw.test".to_owned()]).unwrap();
+        leaf.subject_alt_names
+            .push(rcgen::SanType::IpAddress("10.0.0.5".parse().unwrap()));
+        let leaf = leaf.signed_by(&leaf_key, &ca).unwrap();
+        let ca_file = dir.path().join("gateway-ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone(), ca.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Pki {
+            ca_file,
+            ca_der: ca.der().clone(),
+            gateway: Arc::new(config),
+            _dir: dir,
+        }
+    }
+
+    async fn harness(policy_extra: &str, pki: &Pki, trust_gateway: bool) -> Harness {
+        let stub = Arc::new(Stub {
+            seen: Arc::default(),
+            answer: echo(),
+            close_each: false,
+            tls: Some(pki.gateway.clone()),
+        });
+        let mut h = Harness::with_stub(&format!("{RULES}\n{policy_extra}"), stub).await;
+        let extra = if trust_gateway {
+            vec![pki.ca_file.clone()]
+        } else {
+            Vec::new()
+        };
+        h.tls = Some(Arc::new(
+            TlsContext::new(h.dir.path(), Mode::Terminate, &extra, &[]).unwrap(),
+        ));
+        h
+    }
+
+    fn roots(der: &rustls::pki_types::CertificateDer<'static>) -> rustls::RootCertStore {
+        let mut r = rustls::RootCertStore::empty();
+        r.add(der.clone()).unwrap();
+        r
+    }
+
+    fn host_ca(h: &Harness) -> rustls::pki_types::CertificateDer<'static> {
+        h.tls.as_ref().unwrap().ca.der().clone()
+    }
+
+    /// One call over TLS: the answer (or why the handshake failed) and how the proxy saw it.
+    async fn call_over_tls(
+        h: &Harness,
+        process: Process,
+        name: ServerName<'static>,
+        trusted: rustls::RootCertStore,
+        body: Value,
+    ) -> (Result<Value, String>, crate::proxy::Served) {
+        let (client, task) = h.open(process);
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(trusted)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let answer = async {
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, client)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            let text = body.to_string();
+            let resp = sender
+                .send_request(
+                    post(text.clone())
+                        .header("connection", "close")
+                        .body(Full::new(Bytes::from(text)))
+                        .unwrap(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            Ok(json_body(&bytes))
+        }
+        .await;
+        let served = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("the connection ends")
+            .unwrap();
+        (answer, served)
+    }
+
+    fn gw() -> ServerName<'static> {
+        ServerName::try_from("gw.test").unwrap()
+    }
+
+    #[tokio::test]
+    async fn terminated_calls_go_through_the_same_pipeline() {
+        let pki = pki();
+        let h = harness("", &pki, true).await;
+        let ca = roots(&host_ca(&h));
+        let (answer, served) = call_over_tls(
+            &h,
+            Process::default(),
+            gw(),
+            ca.clone(),
+            call(1, "add", json!({})),
+        )
+        .await;
+        assert_eq!(answer.unwrap()["result"]["content"][0]["text"], "ok");
+        assert!(served.result.is_ok(), "{:?}", served.result.err());
+        let tls = served.tls.unwrap();
+        assert_eq!(
+            (tls.mode.as_str(), tls.sni.as_deref()),
+            ("terminate", Some("gw.test"))
+        );
+        assert_eq!(tls.alpn.as_deref(), Some("http/1.1"));
+        let up = tls.upstream.unwrap();
+        assert!(
+            up.verified && up.issuer.contains("gateway test CA"),
+            "{up:?}"
+        );
+        assert!(up.sans.contains(&"gw.test".to_owned()));
+        // The rules hold inside TLS as outside.
+        let (answer, _) = call_over_tls(
+            &h,
+            Process::default(),
+            gw(),
+            ca,
+            call(2, "deploy_prod", json!({})),
+        )
+        .await;
+        assert_eq!(answer.unwrap()["error"]["code"], respond::CODE_DENIED);
+        assert_eq!(
+            h.stub.seen().len(),
+            1,
+            "only the allowed call reached the gateway"
+        );
+        let recs = h.wait_mcp("the calls", |r| r.len() >= 3).await;
+        let e = recs
+            .iter()
+            .find(|e| e.name.as_deref() == Some("add"))
+            .unwrap();
+        assert_eq!(
+            e.connection.tls.as_ref().unwrap().sni.as_deref(),
+            Some("gw.test")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_gateway_refuses_the_client_and_is_recorded() {
+        let pki = pki();
+        let h = harness("", &pki, false).await;
+        let (answer, served) = call_over_tls(
+            &h,
+            Process::default(),
+            gw(),
+            roots(&host_ca(&h)),
+            call(1, "add", json!({})),
+        )
+        .await;
+        assert!(
+            answer.is_err(),
+            "the handshake must not complete: {answer:?}"
+        );
+        assert!(matches!(served.result, Err(ProxyError::Tls(_))));
+        assert!(h.stub.seen().is_empty());
+        let failure = h
+            .records()
+            .into_iter()
+            .find_map(|r| match r.event {
+                Event::TlsFailure(f) => Some(f),
+                _ => None,
+            })
+            .expect("a tls_failure record");
+        assert_eq!(failure.side, "upstream");
+        assert!(
+            failure.reason.contains("--upstream-ca"),
+            "{}",
+            failure.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_trust_the_host_ca_is_named_in_status() {
+        let pki = pki();
+        let h = harness("", &pki, true).await;
+        let process = Process {
+            exe: Some("/usr/bin/old-client".into()),
+            pid: 77,
+            ..Default::default()
+        };
+        // It trusts the gateway's own CA, as it did before mcptrail.
+        let (answer, served) = call_over_tls(
+            &h,
+            process,
+            gw(),
+            roots(&pki.ca_der),
+            call(1, "add", json!({})),
+        )
+        .await;
+        assert!(answer.is_err());
+        assert!(matches!(served.result, Err(ProxyError::Tls(_))));
+        let clients = h.stats.tls_clients.lock().unwrap().clone();
+        let entry = clients
+            .get("/usr/bin/old-client")
+            .expect("named by its executable");
+        assert_eq!((entry.count, entry.last_pid), (1, 77));
+        let failure = h
+            .records()
+            .into_iter()
+            .find_map(|r| match r.event {
+                Event::TlsFailure(f) => Some(f),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(failure.side, "client");
+        assert!(
+            failure.reason.contains("mcptrail ca install"),
+            "{}",
+            failure.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn tls_1_2_and_1_3_gateways_are_both_terminated() {
+        for (versions, want) in [
+            (&[&rustls::version::TLS12][..], "TLSv1.2"),
+            (&[&rustls::version::TLS13][..], "TLSv1.3"),
+        ] {
+            let pki = pki_with(versions);
+            let h = harness("", &pki, true).await;
+            let (answer, served) = call_over_tls(
+                &h,
+                Process::default(),
+                gw(),
+                roots(&host_ca(&h)),
+                call(1, "add", json!({})),
+            )
+            .await;
+            assert_eq!(answer.unwrap()["id"], 1, "{want}");
+            let tls = served.tls.unwrap();
+            assert_eq!(tls.version.as_deref(), Some(want));
+            assert!(tls.cipher.unwrap().starts_with("TLS_"), "an IANA name");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_that_wants_a_client_certificate_gets_the_configured_one() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut pki = pki();
+        // The gateway now asks for a client certificate signed by its client CA.
+        let client_ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let client_ca = rcgen::CertifiedIssuer::self_signed(params, client_ca_key).unwrap();
+        let agent_key = rcgen::KeyPair::generate().unwrap();
+        let agent_cert = rcgen::CertificateParams::new(vec!["mcptrail-agent".to_owned()])
+            .unwrap()
+            .signed_by(&agent_key, &client_ca)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("agent.pem"), dir.path().join("agent.key"));
+        std::fs::write(&cert_file, agent_cert.pem()).unwrap();
+        std::fs::write(&key_file, agent_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(client_ca.der())),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(pki.gateway.cert_resolver.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        pki.gateway = Arc::new(config);
+        let entry = format!(
+            "[[tls.gateways]]\ndestination = \"10.0.0.5:*\"\nclient_cert_file = {:?}\nclient_key_file = {:?}\n",
+            cert_file.display().to_string(),
+            key_file.display().to_string()
+        );
+        let h = harness(&entry, &pki, true).await;
+        let (answer, served) = call_over_tls(
+            &h,
+            Process::default(),
+            gw(),
+            roots(&host_ca(&h)),
+            call(1, "add", json!({})),
+        )
+        .await;
+        assert_eq!(answer.unwrap()["id"], 1, "{:?}", served.result.err());
+        assert_eq!(h.stub.seen().len(), 1);
+        // A key others can read is refused, with the command that fixes it.
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (answer, served) = call_over_tls(
+            &h,
+            Process::default(),
+            gw(),
+            roots(&host_ca(&h)),
+            call(2, "add", json!({})),
+        )
+        .await;
+        assert!(answer.is_err());
+        let err = served.result.unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_client_without_sni_gets_a_leaf_for_the_address() {
+        let pki = pki();
+        let h = harness("", &pki, true).await;
+        let ip = ServerName::IpAddress("10.0.0.5".parse::<std::net::IpAddr>().unwrap().into());
+        let (answer, served) = call_over_tls(
+            &h,
+            Process::default(),
+            ip,
+            roots(&host_ca(&h)),
+            call(1, "add", json!({})),
+        )
+        .await;
+        assert_eq!(answer.unwrap()["id"], 1);
+        assert_eq!(served.tls.unwrap().sni, None);
+    }
+
+    #[tokio::test]
+    async fn a_passed_through_gateway_is_relayed_untouched_with_its_hello_recorded() {
+        let pki = pki();
+        let h = harness(
+            "[[tls.gateways]]\ndestination = \"gw.test:*\"\nmode = \"passthrough\"\n",
+            &pki,
+            false,
+        )
+        .await;
+        // The client trusts the gateway itself: nothing in between re-signs.
+        let (answer, served) = call_over_tls(
+            &h,
+            Process::default(),
+            gw(),
+            roots(&pki.ca_der),
+            call(1, "deploy_prod", json!({})),
+        )
+        .await;
+        assert_eq!(
+            answer.unwrap()["result"]["content"][0]["text"],
+            "ok",
+            "passthrough cannot apply the rules: that is what it means"
+        );
+        let tls = served.tls.unwrap();
+        assert_eq!(tls.mode, "passthrough");
+        assert_eq!(tls.sni.as_deref(), Some("gw.test"));
+        assert_eq!(tls.version.as_deref(), Some("TLSv1.3"));
+        assert!(tls.cipher.unwrap().starts_with("TLS_"), "an IANA name");
+        assert!(tls.upstream.is_none());
+    }
 }

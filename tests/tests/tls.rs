@@ -1,0 +1,302 @@
+//! HTTPS gateways through the real redirect: the official MCP SDK's server served over TLS
+//! (uvicorn, with a certificate from a test CA), reached by host name; the agent terminates
+//! TLS with its host CA, checks the gateway against the roots it was given, and the same
+//! rules and records apply as over plain HTTP. Clients that do not trust the host CA, a
+//! gateway the agent cannot verify, an SNI-less client and passthrough are covered too.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use mcptrail::audit::Event;
+use mcptrail::audit::record::{Connection, McpEvent, Status};
+use mcptrail_tests::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A CA, and a certificate for `localhost` and 127.0.0.1 signed by it, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mcptrail test gateway CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let leaf = leaf.signed_by(&key, &ca).unwrap();
+    let p = Pki {
+        ca: dir.join("gateway-ca.pem"),
+        cert: dir.join("gateway.pem"),
+        key: dir.join("gateway.key"),
+    };
+    std::fs::write(&p.ca, ca.pem()).unwrap();
+    std::fs::write(&p.cert, leaf.pem()).unwrap();
+    std::fs::write(&p.key, key.serialize_pem()).unwrap();
+    p
+}
+
+fn https_server(port: u16, pki: &Pki) -> Reaped {
+    mcp_server(
+        port,
+        &[
+            "--certfile",
+            pki.cert.to_str().unwrap(),
+            "--keyfile",
+            pki.key.to_str().unwrap(),
+        ],
+    )
+}
+
+fn curl(cgroup: &TestCgroup, args: &[&str]) -> (u32, Output) {
+    output_with_pid(
+        cgroup
+            .command("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+            .args(args),
+    )
+}
+
+fn deny_policy(work: &Path, extra: &str) -> PathBuf {
+    let default = std::fs::read_to_string(tests_dir().join("../policies/default.toml")).unwrap();
+    let path = work.join("policy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{default}\n[[access.rules]]\nname = \"no-deploys\"\naction = \"deny\"\nmatch = {{ tool = \"deploy*\" }}\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn host_ca(state: &Path, work: &Path) -> PathBuf {
+    let out = work.join("host-ca.pem");
+    let r = mcptrail(state, &["ca", "export", "--out", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    out
+}
+
+fn tls_of(c: &Connection) -> &mcptrail::audit::record::Tls {
+    c.tls.as_ref().expect("the record says how TLS was handled")
+}
+
+#[test]
+fn https_gateways_are_terminated_checked_and_held_to_the_rules() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let pki = pki(work.path());
+    let port = free_port();
+    let _server = https_server(port, &pki);
+    let cgroup = TestCgroup::new("tls-terminate");
+    let state = work.path().join("state");
+    let policy = deny_policy(work.path(), "");
+    let agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{port}")],
+        &[
+            "--upstream-ca",
+            pki.ca.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+        false,
+    );
+    let host_ca = host_ca(&state, work.path());
+
+    // The official SDK's client, trusting the host CA the way httpx reads it.
+    let (pid, out) = output_with_pid(
+        cgroup
+            .command(mcp_python().to_str().unwrap())
+            .env("SSL_CERT_FILE", &host_ca)
+            .arg(fixture("mcp_client.py"))
+            .arg(format!("https://localhost:{port}/mcp")),
+    );
+    assert!(
+        out.status.success(),
+        "the SDK client over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs: Vec<McpEvent> = wait_mcp_records(&state, pid, 4);
+    let call = recs
+        .iter()
+        .find(|r| r.name.as_deref() == Some("add"))
+        .expect("the tool call is recorded in clear");
+    let tls = tls_of(&call.connection);
+    assert_eq!(
+        (tls.mode.as_str(), tls.sni.as_deref()),
+        ("terminate", Some("localhost"))
+    );
+    let up = tls.upstream.as_ref().unwrap();
+    assert!(
+        up.verified && up.issuer.contains("mcptrail test gateway CA"),
+        "{up:?}"
+    );
+    assert!(
+        recs.iter().any(|r| r.name.as_deref() == Some("echo")
+            && r.params
+                .as_ref()
+                .is_some_and(|p| p.to_string().contains("[MASKED:payment_card]"))),
+        "masking applies inside TLS"
+    );
+
+    // A denied call, from curl trusting the host CA: refused by the proxy, never forwarded.
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"deploy","arguments":{"env":"prod"}}}"#;
+    let (_, out) = curl(
+        &cgroup,
+        &[
+            "--cacert",
+            host_ca.to_str().unwrap(),
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "accept: application/json, text/event-stream",
+            "-d",
+            body,
+            &format!("https://localhost:{port}/mcp"),
+        ],
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("-32001") && said.contains("no-deploys"),
+        "{said}"
+    );
+
+    // No SNI (an address): the leaf names the address.
+    let (_, out) = curl(
+        &cgroup,
+        &[
+            "--cacert",
+            host_ca.to_str().unwrap(),
+            &format!("https://127.0.0.1:{port}/mcp"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A client that trusts only the gateway's own CA (not the host CA): its handshake fails,
+    // the trail says so with its executable, and status names it.
+    let (pid, out) = curl(
+        &cgroup,
+        &[
+            "--cacert",
+            pki.ca.to_str().unwrap(),
+            &format!("https://localhost:{port}/mcp"),
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "curl must not trust the proxy's leaf"
+    );
+    let rec = wait_for_record(
+        &state,
+        WAIT,
+        "of the failed client handshake",
+        |r| matches!(&r.event, Event::TlsFailure(f) if f.process.pid == pid),
+    );
+    let Event::TlsFailure(f) = rec.event else {
+        unreachable!()
+    };
+    assert_eq!(f.side, "client");
+    assert!(
+        f.process
+            .exe
+            .as_deref()
+            .is_some_and(|e| e.ends_with("curl"))
+    );
+    let status = agent.status();
+    let failures = status["tls_client_failures"].as_object().unwrap();
+    assert!(failures.keys().any(|k| k.ends_with("curl")), "{status:#}");
+    drop(agent);
+    assert_verifies(&state);
+}
+
+#[test]
+fn an_unverifiable_gateway_is_refused_and_passthrough_relays_untouched() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let pki = pki(work.path());
+    let port = free_port();
+    let _server = https_server(port, &pki);
+
+    // Without the gateway's CA the agent cannot verify it: the client is refused, never
+    // relayed unverified.
+    let cgroup = TestCgroup::new("tls-untrusted");
+    let state = work.path().join("state");
+    let agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
+    let host_ca = host_ca(&state, work.path());
+    let (pid, out) = curl(
+        &cgroup,
+        &[
+            "--cacert",
+            host_ca.to_str().unwrap(),
+            &format!("https://localhost:{port}/mcp"),
+        ],
+    );
+    assert!(!out.status.success());
+    let rec = wait_for_record(
+        &state,
+        WAIT,
+        "of the refused gateway",
+        |r| matches!(&r.event, Event::TlsFailure(f) if f.process.pid == pid),
+    );
+    let Event::TlsFailure(f) = rec.event else {
+        unreachable!()
+    };
+    assert_eq!(f.side, "upstream");
+    assert!(f.reason.contains("UnknownIssuer"), "{}", f.reason);
+    drop(agent);
+
+    // Passthrough: the client talks to the gateway itself; the record says what the hellos
+    // chose.
+    let cgroup = TestCgroup::new("tls-passthrough");
+    let state = work.path().join("state-pass");
+    let _agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{port}")],
+        &["--tls-mode", "passthrough"],
+        false,
+    );
+    let (pid, out) = curl(
+        &cgroup,
+        &[
+            "--cacert",
+            pki.ca.to_str().unwrap(),
+            &format!("https://localhost:{port}/mcp"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = wait_for_record(
+        &state,
+        WAIT,
+        "of the passed-through connection",
+        |r| matches!(&r.event, Event::Connection(c) if c.process.pid == pid),
+    );
+    let Event::Connection(c) = rec.event else {
+        unreachable!()
+    };
+    assert_eq!(c.outcome.status, Status::Closed);
+    let tls = tls_of(&c.connection);
+    assert_eq!(tls.mode, "passthrough");
+    assert_eq!(tls.sni.as_deref(), Some("localhost"));
+    assert_eq!(tls.version.as_deref(), Some("TLSv1.3"));
+    assert!(tls.cipher.as_deref().is_some_and(|c| c.starts_with("TLS")));
+}
