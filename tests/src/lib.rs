@@ -303,6 +303,18 @@ pub fn mcp_server(port: u16, extra: &[&str]) -> Reaped {
     )
 }
 
+/// The TypeScript MCP SDK's node_modules, installed by `cargo xtask setup`: for NODE_PATH.
+pub fn ts_sdk_modules() -> PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let dir = PathBuf::from(home).join(".local/share/mcptrail/node/node_modules");
+    assert!(
+        dir.join("@modelcontextprotocol/sdk").exists(),
+        "the TypeScript MCP SDK is not in {}: run `cargo xtask setup`",
+        dir.display()
+    );
+    dir
+}
+
 /// The test client in tests/fixtures/tcp_client.py.
 pub fn tcp_client() -> PathBuf {
     fixture("tcp_client.py")

@@ -150,6 +150,34 @@ fn https_gateways_are_terminated_checked_and_held_to_the_rules() {
         "masking applies inside TLS"
     );
 
+    // The official TypeScript SDK's client (Node's fetch), trusting the host CA through
+    // NODE_EXTRA_CA_CERTS: its calls go through, and the denied one is refused.
+    let (pid, out) = output_with_pid(
+        cgroup
+            .command("node")
+            .env("NODE_PATH", ts_sdk_modules())
+            .env("NODE_EXTRA_CA_CERTS", &host_ca)
+            .arg(fixture("ts_client.cjs"))
+            .arg(format!("https://localhost:{port}/mcp")),
+    );
+    assert!(
+        out.status.success(),
+        "the TypeScript client over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["add"][0], "42", "{said}");
+    assert!(
+        said["denied"].as_str().unwrap().contains("no-deploys"),
+        "{said}"
+    );
+    let recs = wait_mcp_records(&state, pid, 6);
+    let deploy = recs
+        .iter()
+        .find(|r| r.name.as_deref() == Some("deploy") && r.decision.is_some())
+        .expect("the denied call is recorded");
+    assert_eq!(tls_of(&deploy.connection).mode, "terminate");
+
     // A denied call, from curl trusting the host CA: refused by the proxy, never forwarded.
     let body = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"deploy","arguments":{"env":"prod"}}}"#;
     let (_, out) = curl(

@@ -18,11 +18,16 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The official MCP SDK the end-to-end tests drive (server and client), pinned.
 const MCP_SDK: &str = "mcp==2.3.0";
 
+/// The official TypeScript MCP SDK, for a Node.js client in the TLS tests, pinned.
+const TS_SDK: &str = "@modelcontextprotocol/sdk";
+const TS_SDK_VERSION: &str = "1.32.2";
+
 pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
     mcp_sdk()?;
+    ts_sdk()?;
     cargo_fuzz()?;
     Ok(())
 }
@@ -80,6 +85,29 @@ fn mcp_sdk() -> anyhow::Result<()> {
             .arg(MCP_SDK),
     )
     .context("installing the MCP SDK for the end-to-end tests")
+}
+
+/// The TypeScript SDK in ~/.local/share/mcptrail/node (the tests put its node_modules on
+/// NODE_PATH), with the machine's Node.js and npm.
+fn ts_sdk() -> anyhow::Result<()> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let dir = PathBuf::from(home).join(".local/share/mcptrail/node");
+    let manifest = dir.join("node_modules").join(TS_SDK).join("package.json");
+    let installed = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["version"] == TS_SDK_VERSION);
+    if installed {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("making {}", dir.display()))?;
+    run_checked(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg(format!("{TS_SDK}@{TS_SDK_VERSION}")),
+    )
+    .context("installing the TypeScript MCP SDK for the TLS tests (needs Node.js and npm)")
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
