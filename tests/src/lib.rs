@@ -303,6 +303,61 @@ pub fn mcp_server(port: u16, extra: &[&str]) -> Reaped {
     )
 }
 
+/// A CA, and a certificate for `localhost` and 127.0.0.1 signed by it, as PEM files: a
+/// gateway for the TLS tests.
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    pub fn new(dir: &Path) -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mcptrail test gateway CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        leaf.subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let leaf = leaf.signed_by(&key, &ca).unwrap();
+        let p = TestPki {
+            ca: dir.join("gateway-ca.pem"),
+            cert: dir.join("gateway.pem"),
+            key: dir.join("gateway.key"),
+        };
+        std::fs::write(&p.ca, ca.pem()).unwrap();
+        std::fs::write(&p.cert, leaf.pem()).unwrap();
+        std::fs::write(&p.key, key.serialize_pem()).unwrap();
+        p
+    }
+}
+
+/// The official SDK's MCP server over HTTPS (uvicorn), with the test gateway's certificate.
+pub fn https_mcp_server(port: u16, pki: &TestPki) -> Reaped {
+    mcp_server(
+        port,
+        &[
+            "--certfile",
+            pki.cert.to_str().unwrap(),
+            "--keyfile",
+            pki.key.to_str().unwrap(),
+        ],
+    )
+}
+
+/// The agent's host CA (`mcptrail ca export`), written into `dir`.
+pub fn export_host_ca(state_dir: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join("host-ca.pem");
+    let r = mcptrail(state_dir, &["ca", "export", "--out", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    out
+}
+
 /// The TypeScript MCP SDK's node_modules, installed by `cargo xtask setup`: for NODE_PATH.
 pub fn ts_sdk_modules() -> PathBuf {
     let home = std::env::var_os("HOME").expect("HOME is set");

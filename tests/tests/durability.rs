@@ -1,6 +1,8 @@
-//! Sync durability under fire: concurrent real MCP clients, the agent killed with SIGKILL in
-//! the middle (fail closed, so nothing goes around it), then restarted. Every call a client
-//! saw answered must be in the trail, request and answer, and the trail must verify.
+//! Durability under fire: concurrent real MCP clients, the agent killed with SIGKILL in the
+//! middle (fail closed, so nothing goes around it), then restarted. Every call a client saw
+//! answered must be in the trail, request and answer, and the trail must verify: over plain
+//! HTTP with sync durability, and over terminated TLS in both durability modes (a SIGKILL is
+//! not a host crash: buffered records are in the log before the client's last byte).
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -14,11 +16,26 @@ const CLIENTS: usize = 4;
 
 #[test]
 fn every_call_a_client_completed_survives_a_sigkill() {
+    sigkill_under_load("sigkill", false, "sync");
+}
+
+#[test]
+fn every_call_over_tls_survives_a_sigkill_in_both_durability_modes() {
+    sigkill_under_load("sigkill-tls-sync", true, "sync");
+    sigkill_under_load("sigkill-tls-buffered", true, "buffered");
+}
+
+fn sigkill_under_load(label: &str, tls: bool, durability: &str) {
     require_root();
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _server = mcp_server(port, &[]);
-    let cgroup = TestCgroup::new("sigkill");
+    let pki = TestPki::new(work.path());
+    let _server = if tls {
+        https_mcp_server(port, &pki)
+    } else {
+        mcp_server(port, &[])
+    };
+    let cgroup = TestCgroup::new(label);
     let state = work.path().join("state");
     let guard = state.clone();
     let _pins = scopeguard(move || {
@@ -30,15 +47,31 @@ fn every_call_a_client_completed_survives_a_sigkill() {
     });
     let target = [format!("127.0.0.1:{port}")];
     let listen = free_port().to_string();
-    let args = ["--fail-mode", "closed", "--listen-port", &listen];
+    let args = [
+        "--fail-mode",
+        "closed",
+        "--listen-port",
+        &listen,
+        "--durability",
+        durability,
+        "--upstream-ca",
+        pki.ca.to_str().unwrap(),
+    ];
     let mut agent = Agent::start_with(&state, &cgroup, &target, &args, false);
+    let host_ca = export_host_ca(&state, work.path());
+    let url = if tls {
+        format!("https://localhost:{port}/mcp")
+    } else {
+        format!("http://127.0.0.1:{port}/mcp")
+    };
 
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
         let mut child = cgroup
             .command(mcp_python().to_str().unwrap())
+            .env("SSL_CERT_FILE", &host_ca)
             .arg(fixture("mcp_load_client.py"))
-            .arg(format!("http://127.0.0.1:{port}/mcp"))
+            .arg(&url)
             .arg(format!("c{c}"))
             .arg("100000")
             .stdout(Stdio::piped())
@@ -105,8 +138,15 @@ fn every_call_a_client_completed_survives_a_sigkill() {
         completed.len()
     );
     assert_verifies(&state);
+    if tls {
+        assert!(
+            records(&state).iter().any(|r| matches!(&r.event,
+                Event::Mcp(e) if e.connection.tls.as_ref().is_some_and(|t| t.mode == "terminate"))),
+            "the calls went over terminated TLS"
+        );
+    }
     println!(
-        "{} calls completed before the SIGKILL; all {} are in the trail",
+        "{label}: {} calls completed before the SIGKILL; all {} are in the trail",
         completed.len(),
         completed.len()
     );

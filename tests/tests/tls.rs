@@ -5,6 +5,7 @@
 //! gateway the agent cannot verify, an SNI-less client and passthrough are covered too.
 
 use std::path::{Path, PathBuf};
+
 use std::process::Output;
 use std::time::Duration;
 
@@ -13,49 +14,6 @@ use mcptrail::audit::record::{Connection, McpEvent, Status};
 use mcptrail_tests::*;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A CA, and a certificate for `localhost` and 127.0.0.1 signed by it, as PEM files.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn pki(dir: &Path) -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "mcptrail test gateway CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    leaf.subject_alt_names
-        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let leaf = leaf.signed_by(&key, &ca).unwrap();
-    let p = Pki {
-        ca: dir.join("gateway-ca.pem"),
-        cert: dir.join("gateway.pem"),
-        key: dir.join("gateway.key"),
-    };
-    std::fs::write(&p.ca, ca.pem()).unwrap();
-    std::fs::write(&p.cert, leaf.pem()).unwrap();
-    std::fs::write(&p.key, key.serialize_pem()).unwrap();
-    p
-}
-
-fn https_server(port: u16, pki: &Pki) -> Reaped {
-    mcp_server(
-        port,
-        &[
-            "--certfile",
-            pki.cert.to_str().unwrap(),
-            "--keyfile",
-            pki.key.to_str().unwrap(),
-        ],
-    )
-}
 
 fn curl(cgroup: &TestCgroup, args: &[&str]) -> (u32, Output) {
     output_with_pid(
@@ -79,13 +37,6 @@ fn deny_policy(work: &Path, extra: &str) -> PathBuf {
     path
 }
 
-fn host_ca(state: &Path, work: &Path) -> PathBuf {
-    let out = work.join("host-ca.pem");
-    let r = mcptrail(state, &["ca", "export", "--out", out.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    out
-}
-
 fn tls_of(c: &Connection) -> &mcptrail::audit::record::Tls {
     c.tls.as_ref().expect("the record says how TLS was handled")
 }
@@ -94,9 +45,9 @@ fn tls_of(c: &Connection) -> &mcptrail::audit::record::Tls {
 fn https_gateways_are_terminated_checked_and_held_to_the_rules() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let pki = pki(work.path());
+    let pki = TestPki::new(work.path());
     let port = free_port();
-    let _server = https_server(port, &pki);
+    let _server = https_mcp_server(port, &pki);
     let cgroup = TestCgroup::new("tls-terminate");
     let state = work.path().join("state");
     let policy = deny_policy(work.path(), "");
@@ -112,7 +63,7 @@ fn https_gateways_are_terminated_checked_and_held_to_the_rules() {
         ],
         false,
     );
-    let host_ca = host_ca(&state, work.path());
+    let host_ca = export_host_ca(&state, work.path());
 
     // The official SDK's client, trusting the host CA the way httpx reads it.
     let (pid, out) = output_with_pid(
@@ -256,16 +207,16 @@ fn https_gateways_are_terminated_checked_and_held_to_the_rules() {
 fn an_unverifiable_gateway_is_refused_and_passthrough_relays_untouched() {
     require_root();
     let work = tempfile::tempdir().unwrap();
-    let pki = pki(work.path());
+    let pki = TestPki::new(work.path());
     let port = free_port();
-    let _server = https_server(port, &pki);
+    let _server = https_mcp_server(port, &pki);
 
     // Without the gateway's CA the agent cannot verify it: the client is refused, never
     // relayed unverified.
     let cgroup = TestCgroup::new("tls-untrusted");
     let state = work.path().join("state");
     let agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
-    let host_ca = host_ca(&state, work.path());
+    let host_ca = export_host_ca(&state, work.path());
     let (pid, out) = curl(
         &cgroup,
         &[

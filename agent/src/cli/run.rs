@@ -125,7 +125,8 @@ pub struct RunArgs {
 
     /// When a record counts as written. `sync`: a request's records are on disk (synced WAL,
     /// group-committed) before it is forwarded, and a response's before its last byte reaches
-    /// the client. `buffered`: written at once and synced in the background every
+    /// the client. `buffered`: written at once (still before a response's last byte, so a
+    /// killed agent loses nothing a client saw) and synced in the background every
     /// --buffered-window-ms; faster, but a host crash can lose that window.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
     pub durability: DurabilityArg,
@@ -390,7 +391,9 @@ async fn serve(
             approvals: approvals.clone(),
             mark: args.upstream_mark,
             capture_limit: args.capture_limit,
-            hold_end: args.durability == DurabilityArg::Sync,
+            // In both modes: a response's last byte waits until its records are in the log
+            // (synced, or at least written), so a killed agent loses nothing a client saw.
+            hold_end: true,
             on_audit_failure: args.on_audit_failure,
             tls: Some(tls),
         },

@@ -11,9 +11,10 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The response body on its way to the client, with a copy of every data frame sent to the
 /// observer. The channel is unbounded so that the client never waits on the audit, with one
-/// exception when `hold_end` is set (sync durability): the body's last byte (the frame that
-/// completes a known length, or the end of a chunked or streamed body) is held until the
-/// observer has durably recorded what the response carried. Nothing the client fully saw is
+/// exception when `hold_end` is set (the agent sets it in both durability modes): the body's
+/// last byte (the frame that completes a known length, or the end of a chunked or streamed
+/// body) is held until the observer has recorded what the response carried (synced, in sync
+/// mode). Nothing the client fully saw is
 /// then missing from the trail, and only the end waits.
 pub struct Tee {
     inner: Incoming,
