@@ -423,6 +423,9 @@ async fn serve(
         stop_accepting.clone(),
     )?;
 
+    // Before saying ready: a stop signal that comes right after must find its handler, or
+    // the default action would kill the agent without its stop record.
+    let signals = Signals::install()?;
     tracing::info!(
         listen = %listen.join(","),
         targets = %target_specs.join(","),
@@ -432,7 +435,7 @@ async fn serve(
         "mcptrail ready: new connections to the targets are redirected, relayed and recorded"
     );
 
-    let reason = supervise(&args, &interceptor, &audit, &live, &stats).await?;
+    let reason = supervise(&args, &interceptor, &audit, &live, &stats, signals).await?;
     tracing::info!(
         reason,
         "stopping: detaching the hooks, draining connections"
@@ -708,6 +711,23 @@ async fn flush_at_stop(audit: &AuditLog, pending: &mut PendingRecords) {
     }
 }
 
+/// The signals the agent answers, installed before it says it is ready.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+}
+
 /// Runs until a stop signal; meanwhile reloads targets on SIGHUP and re-resolves names.
 /// After the start, nothing the trail refuses ends it: control-plane records wait in a
 /// bounded queue and are written late (see [`record_control`]).
@@ -717,14 +737,17 @@ async fn supervise(
     audit: &AuditLog,
     live: &Live,
     stats: &Stats,
+    signals: Signals,
 ) -> anyhow::Result<&'static str> {
     // The policy file is also watched: a change takes effect without a signal.
     let mut watch = tokio::time::interval(POLICY_WATCH);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut policy_stamp = args.policy.as_deref().and_then(file_stamp);
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     let period = Duration::from_secs(args.resolve_interval.max(1));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -53,21 +53,32 @@ fn version_name(v: u16) -> String {
     }
 }
 
-/// Parses a ClientHello from the first record.
-pub fn client_hello(bytes: &[u8]) -> Hello<ClientHelloInfo> {
+/// The first handshake message of the first record, or what is missing.
+fn first_handshake<T>(bytes: &[u8]) -> Result<TlsMessageHandshake<'_>, Hello<T>> {
     let Some(len) = first_record_len(bytes) else {
-        return Hello::NeedMore(5);
+        return Err(Hello::NeedMore(5));
     };
     if bytes.len() < len {
-        return Hello::NeedMore(len);
+        return Err(Hello::NeedMore(len));
     }
-    let record = match parse_tls_plaintext(&bytes[..len]) {
-        Ok((_, r)) => r,
-        Err(e) => return Hello::Invalid(format!("not a TLS record: {e}")),
-    };
-    let Some(TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello))) = record.msg.first()
-    else {
-        return Hello::Invalid("the first TLS message is not a ClientHello".into());
+    match parse_tls_plaintext(&bytes[..len]) {
+        Ok((_, mut record)) if !record.msg.is_empty() => match record.msg.swap_remove(0) {
+            TlsMessage::Handshake(h) => Ok(h),
+            _ => Err(Hello::Invalid(
+                "the first TLS record is not a handshake".into(),
+            )),
+        },
+        Ok(_) => Err(Hello::Invalid("an empty TLS record".into())),
+        Err(e) => Err(Hello::Invalid(format!("not a TLS record: {e}"))),
+    }
+}
+
+/// Parses a ClientHello from the first record.
+pub fn client_hello(bytes: &[u8]) -> Hello<ClientHelloInfo> {
+    let hello = match first_handshake(bytes) {
+        Ok(TlsMessageHandshake::ClientHello(h)) => h,
+        Ok(_) => return Hello::Invalid("the first TLS message is not a ClientHello".into()),
+        Err(missing) => return missing,
     };
     let mut info = ClientHelloInfo::default();
     let extensions = match hello.ext.map(parse_tls_client_hello_extensions) {
@@ -107,19 +118,12 @@ pub fn client_hello(bytes: &[u8]) -> Hello<ClientHelloInfo> {
 
 /// Parses a ServerHello from the first record the gateway sent.
 pub fn server_hello(bytes: &[u8]) -> Hello<ServerHelloInfo> {
-    let Some(len) = first_record_len(bytes) else {
-        return Hello::NeedMore(5);
-    };
-    if bytes.len() < len {
-        return Hello::NeedMore(len);
-    }
-    let record = match parse_tls_plaintext(&bytes[..len]) {
-        Ok((_, r)) => r,
-        Err(e) => return Hello::Invalid(format!("not a TLS record: {e}")),
-    };
-    let Some(TlsMessage::Handshake(TlsMessageHandshake::ServerHello(hello))) = record.msg.first()
-    else {
-        return Hello::Invalid("the gateway's first TLS message is not a ServerHello".into());
+    let hello = match first_handshake(bytes) {
+        Ok(TlsMessageHandshake::ServerHello(h)) => h,
+        Ok(_) => {
+            return Hello::Invalid("the gateway's first TLS message is not a ServerHello".into());
+        }
+        Err(missing) => return missing,
     };
     let mut version = hello.version.0;
     let mut alpn = None;
