@@ -272,10 +272,66 @@ fn an_unverifiable_gateway_is_refused_and_passthrough_relays_untouched() {
     let Event::Connection(c) = rec.event else {
         unreachable!()
     };
-    assert_eq!(c.outcome.status, Status::Closed);
+    assert_eq!(c.outcome.status, Status::Closed, "{:?}", c.outcome.detail);
     let tls = tls_of(&c.connection);
     assert_eq!(tls.mode, "passthrough");
     assert_eq!(tls.sni.as_deref(), Some("localhost"));
     assert_eq!(tls.version.as_deref(), Some("TLSv1.3"));
     assert!(tls.cipher.as_deref().is_some_and(|c| c.starts_with("TLS")));
+}
+
+#[test]
+fn ca_install_makes_the_system_store_trust_terminated_gateways() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(work.path());
+    let port = free_port();
+    let _server = https_mcp_server(port, &pki);
+    let cgroup = TestCgroup::new("tls-ca-install");
+    let state = work.path().join("state");
+    let _agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{port}")],
+        &["--upstream-ca", pki.ca.to_str().unwrap()],
+        false,
+    );
+    // Whatever happens below, the host's store is left as it was.
+    struct Uninstall(PathBuf);
+    impl Drop for Uninstall {
+        fn drop(&mut self) {
+            let _ = mcptrail(&self.0, &["ca", "uninstall"]);
+        }
+    }
+    let _undo = Uninstall(state.clone());
+    let url = format!("https://localhost:{port}/mcp");
+    // curl with the system store only: before the install it does not trust the proxy.
+    let system = ["--cacert", "/etc/ssl/certs/ca-certificates.crt"];
+    let (_, before) = curl(&cgroup, &[&system[..], &[url.as_str()]].concat());
+    assert!(!before.status.success(), "trusted before the install?");
+    let out = mcptrail(&state, &["ca", "install"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("NODE_EXTRA_CA_CERTS") && said.contains("SSL_CERT_FILE"),
+        "{said}"
+    );
+    let (_, after) = curl(&cgroup, &[&system[..], &[url.as_str()]].concat());
+    assert!(
+        after.status.success(),
+        "not trusted after the install: {}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    let out = mcptrail(&state, &["ca", "uninstall"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, gone) = curl(&cgroup, &[&system[..], &[url.as_str()]].concat());
+    assert!(!gone.status.success(), "still trusted after the uninstall");
 }

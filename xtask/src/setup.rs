@@ -9,8 +9,15 @@ use anyhow::{Context as _, bail};
 
 use crate::run_checked;
 
-/// Debian packages: libclang for RocksDB's bindings, and the real programs the tests drive.
-const APT_PACKAGES: &[&str] = &["libclang-dev", "curl", "iproute2", "python3"];
+/// Debian packages: libclang for RocksDB's bindings, and the real programs the tests drive
+/// (`update-ca-certificates`, from ca-certificates, for `mcptrail ca install`).
+const APT_PACKAGES: &[&str] = &[
+    "libclang-dev",
+    "curl",
+    "iproute2",
+    "python3",
+    "ca-certificates",
+];
 
 /// The bpf-linker release this recipe is known to build.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -95,9 +95,17 @@ where
 {
     let mut buf = vec![0u8; BUF];
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = match from.read(&mut buf).await {
+            Ok(n) => n,
+            // A peer that closes with data still unread by it resets instead of finishing
+            // (a TLS server answered by a late close_notify, say): the end of its direction,
+            // not a failure of the relay.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
-            to.shutdown().await?;
+            // The other side may be gone already; there is nothing left to tell it.
+            let _ = to.shutdown().await;
             return Ok(());
         }
         to.write_all(&buf[..n]).await?;
@@ -108,6 +116,36 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Says `bytes`, then resets.
+    struct Resetting(Option<&'static [u8]>);
+
+    impl AsyncRead for Resetting {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(match self.0.take() {
+                Some(b) => {
+                    buf.put_slice(b);
+                    Ok(())
+                }
+                None => Err(std::io::ErrorKind::ConnectionReset.into()),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_ends_its_direction_and_everything_before_it_arrives() {
+        let (mut theirs, ours) = tokio::io::duplex(64);
+        let count = AtomicU64::new(0);
+        pump(Resetting(Some(b"bye")), ours, &count).await.unwrap();
+        let mut got = Vec::new();
+        theirs.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        assert_eq!(count.load(Ordering::Relaxed), 3);
+    }
 
     #[tokio::test]
     async fn relays_both_ways_and_counts() {
