@@ -132,14 +132,167 @@ fn call_body(id: u64, size: usize, sse: bool) -> Bytes {
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn connect(addr: SocketAddr) -> Sender {
+    connect_with(addr, &Dial::Plain).await
+}
+
+/// How a client reaches an address: plain TCP, or TLS trusting `roots` and asking for `name`.
+#[derive(Clone)]
+enum Dial {
+    Plain,
+    Tls(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    ),
+}
+
+fn tls_client(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(c)
+}
+
+fn roots_from_pem(pem: &[u8]) -> rustls::RootCertStore {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut r = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+        r.add(c.unwrap()).unwrap();
+    }
+    r
+}
+
+fn server_name(name: &str) -> rustls::pki_types::ServerName<'static> {
+    rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap()
+}
+
+async fn connect_with(addr: SocketAddr, dial: &Dial) -> Sender {
     let stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
+    match dial {
+        Dial::Plain => handshake(stream).await,
+        Dial::Tls(config, name) => {
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name.clone(), stream)
+                .await
+                .expect("the TLS handshake");
+            handshake(tls).await
+        }
+    }
+}
+
+async fn handshake<S>(io: S) -> Sender
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     sender
+}
+
+/// The bench gateway's TLS: a CA of its own and a certificate for `*.bench.test` (so that
+/// each new connection may ask for a name the agent has no leaf for yet) and 127.0.0.1.
+struct BenchPki {
+    ca_pem: String,
+    ca_file: std::path::PathBuf,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn bench_pki(dir: &Path) -> BenchPki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["*.bench.test".to_owned()]).unwrap();
+    leaf.subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let leaf = leaf.signed_by(&key, &ca).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone(), ca.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let ca_file = dir.join("bench-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    BenchPki {
+        ca_pem: ca.pem(),
+        ca_file,
+        server: Arc::new(server),
+    }
+}
+
+/// A TLS front for the backend, on a thread of its own: it terminates TLS and relays the
+/// plaintext to the backend. The direct path and the agent's both go through it, so only what
+/// the agent adds differs between them.
+fn tls_front(backend: SocketAddr, config: Arc<rustls::ServerConfig>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        runtime(1).block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let _ = stream.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(mut plain) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = plain.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// New connections, one after another: TCP, the TLS handshake and one call each; the
+/// median time in microseconds. `fresh_names`: each asks for a server name of its own, so the
+/// agent mints a leaf every time; otherwise they share one (the leaf cached).
+fn new_connections(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    n: usize,
+    fresh_names: bool,
+    run: usize,
+) -> u64 {
+    let rt = runtime(1);
+    rt.block_on(async move {
+        let mut t = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = if fresh_names {
+                format!("r{run}c{i}.bench.test")
+            } else {
+                "gw.bench.test".to_owned()
+            };
+            let start = Instant::now();
+            let mut s = connect_with(addr, &Dial::Tls(config.clone(), server_name(&name))).await;
+            one_call(&mut s, i as u64, 1024, false).await;
+            t.push(start.elapsed().as_micros() as u64);
+        }
+        t.sort_unstable();
+        t[t.len() / 2]
+    })
 }
 
 async fn one_call(sender: &mut Sender, id: u64, size: usize, sse: bool) -> Duration {
@@ -185,12 +338,16 @@ async fn one_call(sender: &mut Sender, id: u64, size: usize, sse: bool) -> Durat
 /// due time with `nanosleep` (tens of microseconds late at most), since tokio's timer wheel
 /// has a resolution of 1 ms and would add up to that to every call.
 fn fixed_rate(addr: SocketAddr, rate: u64, secs: u64, size: usize) -> Vec<u64> {
+    fixed_rate_with(addr, &Dial::Plain, rate, secs, size)
+}
+
+fn fixed_rate_with(addr: SocketAddr, dial: &Dial, rate: u64, secs: u64, size: usize) -> Vec<u64> {
     let rt = runtime(1);
     rt.block_on(async move {
         let conns = 64;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for _ in 0..conns {
-            tx.send(connect(addr).await).unwrap();
+            tx.send(connect_with(addr, dial).await).unwrap();
         }
         let pool = Arc::new(tokio::sync::Mutex::new(rx));
         // Warm up the connections (and the agent's caches).
@@ -453,6 +610,9 @@ fn main() {
     let sizes: &[usize] = if quick { &[1024] } else { &[1024, 16 * 1024] };
     let addr = backend();
     let work = tempfile::tempdir().unwrap();
+    let pki = bench_pki(work.path());
+    let front = tls_front(addr, pki.server.clone());
+    let ca_arg = pki.ca_file.to_str().unwrap().to_owned();
     let nomask = work.path().join("nomask.toml");
     std::fs::write(&nomask, "version = 1\nname = \"no-masking\"\n").unwrap();
 
@@ -460,10 +620,13 @@ fn main() {
     let buffered_cg = TestCgroup::new("mcp-buffered");
     let sync_cg = TestCgroup::new("mcp-sync");
     let plain_cg = TestCgroup::new("mcp-nomask");
-    let target = [addr.to_string()];
-    // A release agent with its own state directory under `work`, redirecting `cg`.
+    let target = [addr.to_string(), front.to_string()];
+    // A release agent with its own state directory under `work`, redirecting `cg`; it
+    // checks the TLS front against the bench CA.
     let start = |dir: &str, cg: &TestCgroup, extra: &[&str]| {
-        Agent::start_with(&work.path().join(dir), cg, &target, extra, false)
+        let mut args = vec!["--upstream-ca", ca_arg.as_str()];
+        args.extend_from_slice(extra);
+        Agent::start_with(&work.path().join(dir), cg, &target, &args, false)
     };
     let buffered = start("b", &buffered_cg, &["--durability", "buffered"]);
     let sync = start("s", &sync_cg, &["--durability", "sync"]);
@@ -578,6 +741,74 @@ fn main() {
         println!("{name:<30} {:>8} us", sse_first_event(addr, 50));
     }
 
+    // TLS: the same backend behind the TLS front; the agent terminates it (a leaf from its
+    // host CA for the client, the front verified against the bench CA).
+    println!();
+    println!(
+        "TLS, keep-alive, 1 KiB at 1,000/s (microseconds; added = agent minus direct TLS; agent CPU per call; median of {rounds}):"
+    );
+    let agent_ca = std::fs::read(work.path().join("b/keys/ca.pem")).unwrap();
+    let tls_setups = [
+        (
+            "direct TLS",
+            &direct_cg,
+            None,
+            tls_client(roots_from_pem(pki.ca_pem.as_bytes())),
+        ),
+        (
+            "agent, buffered, masking",
+            &buffered_cg,
+            Some(buffered.pid()),
+            tls_client(roots_from_pem(&agent_ca)),
+        ),
+    ];
+    let mut ka: Vec<Vec<[f64; 3]>> = vec![Vec::new(); 2];
+    for _ in 0..rounds {
+        for (k, (_, cg, agent, config)) in tls_setups.iter().enumerate() {
+            let dial = Dial::Tls(config.clone(), server_name("gw.bench.test"));
+            let (lat, cpu) = in_setup(cg, *agent, || {
+                let lat = fixed_rate_with(front, &dial, 1000, secs, 1024);
+                let calls = lat.len() as u64;
+                (lat, calls)
+            });
+            ka[k].push([pct(&lat, 0.5) as f64, pct(&lat, 0.99) as f64, cpu]);
+        }
+    }
+    let kmed = |k: usize, i: usize| median(ka[k].iter().map(|r| r[i]).collect());
+    for (k, (name, _, agent, _)) in tls_setups.iter().enumerate() {
+        println!(
+            "{name:<30} p50 {:>6.0} p99 {:>6.0}  +p50 {:>6.0} +p99 {:>6.0}{}",
+            kmed(k, 0),
+            kmed(k, 1),
+            kmed(k, 0) - kmed(0, 0),
+            kmed(k, 1) - kmed(0, 1),
+            if agent.is_some() {
+                format!("  agent CPU {:.0} us/call", kmed(k, 2))
+            } else {
+                String::new()
+            }
+        );
+    }
+    let tls_p99_added = (kmed(1, 1) - kmed(0, 1)) as i64;
+    let n_new = if quick { 30 } else { 100 };
+    println!(
+        "TLS, new connections one after another (TCP, handshakes, one call; median of {n_new}, microseconds):"
+    );
+    // [set-up] = (leaf cached, a name the agent has no leaf for yet)
+    let mut fresh = [(0u64, 0u64); 2];
+    for (k, (name, cg, _, config)) in tls_setups.iter().enumerate() {
+        enter(&cg.path);
+        let cached = new_connections(front, config.clone(), n_new, false, k);
+        let minted = new_connections(front, config.clone(), n_new, true, k);
+        fresh[k] = (cached, minted);
+        println!("{name:<30} same name {cached:>6}  a new name each {minted:>6}");
+    }
+    let new_added_cached = fresh[1].0 as i64 - fresh[0].0 as i64;
+    println!(
+        "added by the agent: {new_added_cached} us with the leaf cached, {} us minting one",
+        fresh[1].1 as i64 - fresh[0].1 as i64
+    );
+
     // 1,000 connections held open through a fresh agent (buffered, masking), so that what
     // the allocator kept from the runs above does not count.
     let mem_cg = TestCgroup::new("mcp-memory");
@@ -678,6 +909,18 @@ fn main() {
             ">= 20,000".to_string(),
             format!("{durable_sync:.0}"),
             durable_sync >= 20_000.0,
+        ),
+        (
+            "TLS keep-alive p99 added, buffered + masking, 1 KiB at 1,000/s".to_string(),
+            "<= 300 us".to_string(),
+            format!("{tls_p99_added} us"),
+            tls_p99_added <= 300,
+        ),
+        (
+            "TLS new connection added, leaf cached".to_string(),
+            "<= 1,000 us".to_string(),
+            format!("{new_added_cached} us"),
+            new_added_cached <= 1000,
         ),
         (
             "agent RSS idle".to_string(),
