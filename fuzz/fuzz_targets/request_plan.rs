@@ -80,6 +80,7 @@ fuzz_target!(|data: &[u8]| {
         content_type: CONTENT_TYPES[usize::from(selector >> 1) % CONTENT_TYPES.len()],
         mcp_method: (selector & 0x10 != 0).then_some("tools/call"),
         mcp_name: (selector & 0x20 != 0).then_some("deploy"),
+        switches_protocol: selector & 0x08 != 0,
     };
     let body = match selector >> 6 {
         0 if rest.is_empty() => BodyView::Empty,

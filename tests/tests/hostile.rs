@@ -243,6 +243,13 @@ fn every_known_bypass_is_refused_or_masked_and_recorded() {
     );
     assert_refused_unread(&state, pid, &out, "unknown coding", "compress");
 
+    // A protocol switch: past it the proxy reads nothing, so a strict policy refuses it.
+    let upgrade = format!(
+        "GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let (pid, out) = send(&cgroup, port, work.path(), upgrade.as_bytes(), &[]);
+    assert_refused_unread(&state, pid, &out, "an Upgrade", "switch protocols");
+
     // Numbers and argv: an allowed call whose card number is a JSON number, from a process
     // with secrets in its command line. Both are masked in the trail.
     let pay = call(5, "pay", json!({"card": 4111111111111111u64, "qty": 2})).to_string();

@@ -63,7 +63,7 @@ fn update_store() -> anyhow::Result<()> {
 pub fn run(state_dir: &Path, args: CaArgs) -> anyhow::Result<()> {
     match args.command {
         CaCommand::Export { out } => {
-            let ca = HostCa::load_or_create(state_dir, &[])?;
+            let ca = HostCa::load(state_dir, &[])?;
             match out {
                 Some(path) => std::fs::write(&path, ca.pem())
                     .with_context(|| format!("writing {}", path.display()))?,
@@ -72,7 +72,7 @@ pub fn run(state_dir: &Path, args: CaArgs) -> anyhow::Result<()> {
             Ok(())
         }
         CaCommand::Install => {
-            let ca = HostCa::load_or_create(state_dir, &[])?;
+            let ca = HostCa::load(state_dir, &[])?;
             let path = Path::new(SYSTEM_CA_DIR).join(installed_name(ca.pem()));
             std::fs::create_dir_all(SYSTEM_CA_DIR)
                 .with_context(|| format!("making {SYSTEM_CA_DIR}"))?;

@@ -42,7 +42,7 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// `ADDR:PORT` or `HOST:PORT` glob, matched against the original destination and against
-    /// the server name the client asked for, with the port.
+    /// the configured target it matched (never the client's SNI, which the client chooses).
     pub destination: String,
     #[serde(default)]
     pub mode: Option<Mode>,
@@ -94,14 +94,14 @@ impl TlsRules {
         })
     }
 
-    /// The first gateway entry for a connection to `dst` (`ADDR:PORT`) that asked for `sni`.
-    pub fn gateway(&self, dst: &str, port: u16, sni: Option<&str>) -> Option<&GatewayConfig> {
-        let by_name = sni.map(|s| format!("{s}:{port}"));
+    /// The first gateway entry for a connection to `dst` (`ADDR:PORT`, where the client
+    /// connected) or to `target` (the configured target it matched, `HOST:PORT` for a name).
+    /// Never by the server name the client asks for: the client chooses that freely, and
+    /// could otherwise pick a passthrough entry for a gateway the rules must see.
+    pub fn gateway(&self, dst: &str, target: Option<&str>) -> Option<&GatewayConfig> {
         self.gateways
             .iter()
-            .find(|(glob, _)| {
-                glob.is_match(dst) || by_name.as_deref().is_some_and(|n| glob.is_match(n))
-            })
+            .find(|(glob, _)| glob.is_match(dst) || target.is_some_and(|t| glob.is_match(t)))
             .map(|(_, g)| g)
     }
 }
@@ -111,7 +111,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gateways_match_by_address_or_by_name() {
+    fn gateways_match_by_address_or_by_configured_name_never_by_sni() {
         let cfg: TlsConfig = toml::from_str(
             r#"
             [[gateways]]
@@ -125,15 +125,15 @@ mod tests {
         .unwrap();
         let rules = TlsRules::new(&cfg).unwrap();
         let g = rules
-            .gateway("10.9.9.9:443", 443, Some("vault.corp"))
+            .gateway("10.9.9.9:443", Some("vault.corp:443"))
             .unwrap();
-        assert_eq!(g.mode, Some(Mode::Passthrough));
-        let g = rules.gateway("10.0.0.5:8443", 8443, None).unwrap();
+        assert_eq!(g.mode, Some(Mode::Passthrough), "by the configured target");
+        let g = rules.gateway("10.0.0.5:8443", None).unwrap();
         assert_eq!(g.mode, None);
+        assert!(rules.gateway("10.0.1.5:8443", Some("*:8443")).is_none());
         assert!(
-            rules
-                .gateway("10.0.1.5:8443", 8443, Some("other"))
-                .is_none()
+            rules.gateway("10.9.9.9:443", None).is_none(),
+            "a client asking for vault.corp by SNI does not make 10.9.9.9 a passthrough"
         );
         assert!(
             toml::from_str::<TlsConfig>("[[gateways]]\ndestination = \"x\"\nmode = \"maybe\"\n")

@@ -453,7 +453,10 @@ impl Shared {
             },
             Err(e) => e.outcome(),
         };
-        if outcome.status == Status::Refused {
+        if matches!(
+            result,
+            Err(ProxyError::OpaqueRefused(_) | ProxyError::Detect(DetectError::Timeout { .. }))
+        ) {
             self.stats
                 .unreadable_refused
                 .fetch_add(1, Ordering::Relaxed);
@@ -588,8 +591,7 @@ pub async fn serve_client<C: Io>(
         .tls
         .gateway(
             &conn.connection.original_dst,
-            route.dst.port(),
-            hello.sni.as_deref(),
+            conn.connection.target.as_deref(),
         )
         .cloned();
     let mode = entry
@@ -602,7 +604,8 @@ pub async fn serve_client<C: Io>(
     };
     let client = Rewind::new(first, client);
     if mode == Mode::Passthrough {
-        let (info, result) = tls::passthrough(client, upstream, &hello).await;
+        let (info, result) =
+            tls::passthrough(client, upstream, &hello, route.connect_timeout).await;
         return Served {
             protocol: Some(protocol),
             tls: Some(info),
@@ -619,6 +622,7 @@ pub async fn serve_client<C: Io>(
         entry.as_ref(),
         target.as_deref(),
         route.dst,
+        route.connect_timeout.max(gateway.first_bytes_timeout),
     )
     .await
     {

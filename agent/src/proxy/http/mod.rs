@@ -70,6 +70,9 @@ pub fn parse_limit(capture_limit: usize) -> usize {
     capture_limit.saturating_mul(16).max(16 * 1024 * 1024)
 }
 
+/// How long a client may take to send a request's head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves HTTP/1.1 on `client`, forwarding every request to the gateway, first over
 /// `upstream`, then over connections `connect` opens when the gateway closes one.
 pub async fn serve<C: Io>(
@@ -96,6 +99,10 @@ pub async fn serve<C: Io>(
     });
     match hyper::server::conn::http1::Builder::new()
         .preserve_header_case(true)
+        // A client that never finishes its request head holds a task and a gateway
+        // connection: it gets this long (hyper's own default, which needs a timer).
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
         // No half-close: a client's EOF ends the connection, and dropping a response stream
         // is how closing it cancels (2026-07-28) and ends a listen subscription; what the
         // client sent is recorded anyway (its handler is a task of its own).
@@ -208,6 +215,7 @@ async fn handle(
                 .and_then(|v| v.to_str().ok()),
             mcp_method: http.mcp_method.as_deref(),
             mcp_name: http.mcp_name.as_deref(),
+            switches_protocol: is_connect || parts.headers.contains_key(hyper::header::UPGRADE),
         },
         &view,
         &active,
@@ -626,7 +634,9 @@ async fn wire_response(
     if !response_type.contains("json") {
         return Response::from_parts(rparts, tee.boxed_unsync());
     }
-    let bytes = match tee.collect().await {
+    // Bounded: a wire rule forbids passing on what it has not read, so a body past the
+    // parse limit is refused rather than buffered without end.
+    let bytes = match http_body_util::Limited::new(tee, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) => return respond::response_broke_off(&e.to_string()),
     };

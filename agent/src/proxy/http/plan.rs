@@ -23,6 +23,9 @@ pub struct Head<'a> {
     /// `Mcp-Method` and `Mcp-Name` (2026-07-28), compared with the body.
     pub mcp_method: Option<&'a str>,
     pub mcp_name: Option<&'a str>,
+    /// The request asks to leave HTTP (`Upgrade`, or `CONNECT`): past a switch nothing is
+    /// read, so a strict policy refuses it like any other traffic it cannot check.
+    pub switches_protocol: bool,
 }
 
 /// A request body as the proxy could read it.
@@ -128,6 +131,18 @@ pub fn plan(
     unparsed: Unparsed,
     mut decide: impl FnMut(&Message) -> Decision,
 ) -> Plan {
+    if head.switches_protocol && unparsed == Unparsed::Refuse {
+        return Plan {
+            items: Vec::new(),
+            batch: false,
+            unreadable: Some(
+                "it asks to switch protocols (Upgrade or CONNECT), and past the switch the proxy reads nothing".into(),
+            ),
+            action: Action::Refuse(Refusal::Unparsed(
+                "a protocol switch (Upgrade or CONNECT) the proxy cannot check".into(),
+            )),
+        };
+    }
     let (parsed, batch, unreadable) = match body {
         BodyView::Empty => {
             return Plan {
@@ -409,6 +424,24 @@ mod tests {
         ]"#;
         let p = run(&f, post("application/json"), &read(batch));
         assert_eq!(p.action, Action::Hold(vec![0, 2]));
+    }
+
+    #[test]
+    fn a_protocol_switch_is_refused_when_rules_can_refuse_and_plain_otherwise() {
+        let head = Head {
+            method: "GET",
+            switches_protocol: true,
+            ..Default::default()
+        };
+        let strict = fixture(DENY_DEPLOY);
+        assert!(matches!(
+            run(&strict, head, &BodyView::Empty).action,
+            Action::Refuse(Refusal::Unparsed(_))
+        ));
+        assert_eq!(
+            run(&fixture(""), head, &BodyView::Empty).action,
+            Action::Plain
+        );
     }
 
     #[test]

@@ -1285,7 +1285,7 @@ mod tls {
     async fn a_passed_through_gateway_is_relayed_untouched_with_its_hello_recorded() {
         let pki = pki();
         let h = harness(
-            "[[tls.gateways]]\ndestination = \"gw.test:*\"\nmode = \"passthrough\"\n",
+            "[[tls.gateways]]\ndestination = \"10.0.0.5:*\"\nmode = \"passthrough\"\n",
             &pki,
             false,
         )

@@ -79,9 +79,19 @@ impl HostCa {
     /// made now (a CA's name constraints are part of it: `ca rotate` makes one with new ones).
     pub fn load_or_create(state_dir: &Path, constraints: &[String]) -> Result<Self, TlsError> {
         let dir = keys_dir(state_dir);
+        if !dir.join(CA_KEY).exists() {
+            Self::create(&dir, constraints)?;
+        }
+        Self::load(state_dir, constraints)
+    }
+
+    /// The host CA of `state_dir`; an error if the agent has not made one yet (the CLI does
+    /// not make one: it would lack the policy's name constraints).
+    pub fn load(state_dir: &Path, constraints: &[String]) -> Result<Self, TlsError> {
+        let dir = keys_dir(state_dir);
         let (key_path, cert_path) = (dir.join(CA_KEY), dir.join(CA_CERT));
         if !key_path.exists() {
-            Self::create(&dir, constraints)?;
+            return Err(TlsError::NoCa(dir));
         }
         let meta = fs::metadata(&key_path).map_err(|source| TlsError::CaFile {
             path: key_path.clone(),

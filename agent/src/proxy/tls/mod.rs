@@ -40,6 +40,10 @@ pub enum TlsError {
     #[error("the host CA: {0}")]
     Ca(String),
     #[error(
+        "no host CA in {0} yet: it is made when the agent first runs (`mcptrail run`, with the policy's `[tls] ca_name_constraints`), or by `mcptrail ca rotate --policy FILE`"
+    )]
+    NoCa(PathBuf),
+    #[error(
         "the host CA's name constraints do not allow {0:?}: add it to `[tls] ca_name_constraints` and run `mcptrail ca rotate`, or pass this gateway through"
     )]
     NameNotPermitted(String),
@@ -85,6 +89,8 @@ pub struct TlsContext {
     roots: Arc<RootCertStore>,
     pub default_mode: Mode,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The host CA and retired ones, DER: kept out of every set of roots.
+    own: Vec<Vec<u8>>,
 }
 
 /// Reads a PEM bundle of certificates.
@@ -136,7 +142,12 @@ impl TlsContext {
                 .filter(|c| !own.iter().any(|o| o[..] == c[..])),
         );
         for path in extra {
-            for cert in read_pem_certs(path)? {
+            // A bundle that holds the host CA (the system's, after `ca install`) must not
+            // make the agent trust its own leaves as gateways.
+            for cert in read_pem_certs(path)?
+                .into_iter()
+                .filter(|c| !own.iter().any(|o| o[..] == c[..]))
+            {
                 roots.add(cert).map_err(|e| TlsError::Roots {
                     path: path.clone(),
                     why: e.to_string(),
@@ -153,6 +164,7 @@ impl TlsContext {
             roots: Arc::new(roots),
             default_mode,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
+            own,
         })
     }
 
@@ -166,7 +178,10 @@ impl TlsContext {
             None => self.roots.clone(),
             Some(path) => {
                 let mut more = (*self.roots).clone();
-                for cert in read_pem_certs(path)? {
+                for cert in read_pem_certs(path)?
+                    .into_iter()
+                    .filter(|c| !self.own.iter().any(|o| o[..] == c[..]))
+                {
                     more.add(cert).map_err(|e| TlsError::Roots {
                         path: path.to_path_buf(),
                         why: e.to_string(),
@@ -401,6 +416,7 @@ pub async fn terminate<C: Io>(
     gateway: Option<&GatewayConfig>,
     target: Option<&str>,
     dst: SocketAddr,
+    handshake_timeout: Duration,
 ) -> Result<Terminated, Box<Failed>> {
     let mut info = Tls {
         mode: Mode::Terminate.as_str().to_owned(),
@@ -430,10 +446,21 @@ pub async fn terminate<C: Io>(
         Err(e) => return fail(e, &info),
     };
     let connector = tokio_rustls::TlsConnector::from(config);
-    let upstream = match connector.connect(name.clone(), tcp).await {
-        Ok(s) => s,
-        Err(e) => return fail(TlsError::Upstream(explain("upstream", &e)), &info),
-    };
+    // Each handshake is bounded: a gateway or a client that stalls in it must not hold a
+    // task and two sockets for ever.
+    let upstream =
+        match tokio::time::timeout(handshake_timeout, connector.connect(name.clone(), tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return fail(TlsError::Upstream(explain("upstream", &e)), &info),
+            Err(_) => {
+                return fail(
+                    TlsError::Upstream(format!(
+                        "the gateway's handshake took longer than {handshake_timeout:?}"
+                    )),
+                    &info,
+                );
+            }
+        };
     let (conn_info, names) = {
         let (_, session) = upstream.get_ref();
         info.version = session
@@ -482,13 +509,22 @@ pub async fn terminate<C: Io>(
     server.alpn_protocols = info.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let acceptor =
         tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
-    let start = match acceptor.await {
-        Ok(s) => s,
-        Err(e) => return fail(TlsError::Client(explain("client", &e)), &info),
-    };
-    let client = match start.into_stream(Arc::new(server)).await {
-        Ok(s) => s,
-        Err(e) => return fail(TlsError::Client(explain("client", &e)), &info),
+    let accepted = tokio::time::timeout(handshake_timeout, async {
+        let start = acceptor.await?;
+        start.into_stream(Arc::new(server)).await
+    })
+    .await;
+    let client = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(TlsError::Client(explain("client", &e)), &info),
+        Err(_) => {
+            return fail(
+                TlsError::Client(format!(
+                    "the client's handshake took longer than {handshake_timeout:?}"
+                )),
+                &info,
+            );
+        }
     };
     let again = {
         let connector = connector.clone();
@@ -497,7 +533,9 @@ pub async fn terminate<C: Io>(
                 (connector.clone(), name.clone(), connect_tcp.clone());
             Box::pin(async move {
                 let tcp = connect_tcp().await?;
-                let tls = connector.connect(name, tcp).await?;
+                let tls = tokio::time::timeout(handshake_timeout, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
                 Ok(Box::new(tls) as BoxIo)
             })
                 as std::pin::Pin<
@@ -518,6 +556,7 @@ pub async fn passthrough<C, U>(
     client: C,
     mut upstream: U,
     hello: &ClientHelloInfo,
+    hello_timeout: Duration,
 ) -> (Tls, std::io::Result<()>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -556,7 +595,9 @@ where
                 }
                 Hello::NeedMore(want) if want > MAX_RECORD || from_gateway.len() >= want => break,
                 Hello::NeedMore(_) => {
-                    let n = upstream.read(&mut buf).await?;
+                    let n = tokio::time::timeout(hello_timeout, upstream.read(&mut buf))
+                        .await
+                        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
                     if n == 0 {
                         break;
                     }
