@@ -15,6 +15,31 @@ use mcptrail_tests::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// An HTTPS MCP gateway (the official SDK's server behind a test CA's certificate), and the
+/// folder the test works in.
+struct Gateway {
+    work: tempfile::TempDir,
+    pki: TestPki,
+    port: u16,
+    _server: Reaped,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        require_root();
+        let work = tempfile::tempdir().unwrap();
+        let pki = TestPki::new(work.path());
+        let port = free_port();
+        let _server = https_mcp_server(port, &pki);
+        Gateway {
+            work,
+            pki,
+            port,
+            _server,
+        }
+    }
+}
+
 fn curl(cgroup: &TestCgroup, args: &[&str]) -> (u32, Output) {
     output_with_pid(
         cgroup
@@ -43,11 +68,12 @@ fn tls_of(c: &Connection) -> &mcptrail::audit::record::Tls {
 
 #[test]
 fn https_gateways_are_terminated_checked_and_held_to_the_rules() {
-    require_root();
-    let work = tempfile::tempdir().unwrap();
-    let pki = TestPki::new(work.path());
-    let port = free_port();
-    let _server = https_mcp_server(port, &pki);
+    let Gateway {
+        work,
+        pki,
+        port,
+        _server,
+    } = Gateway::start();
     let cgroup = TestCgroup::new("tls-terminate");
     let state = work.path().join("state");
     let policy = deny_policy(work.path(), "");
@@ -205,11 +231,12 @@ fn https_gateways_are_terminated_checked_and_held_to_the_rules() {
 
 #[test]
 fn an_unverifiable_gateway_is_refused_and_passthrough_relays_untouched() {
-    require_root();
-    let work = tempfile::tempdir().unwrap();
-    let pki = TestPki::new(work.path());
-    let port = free_port();
-    let _server = https_mcp_server(port, &pki);
+    let Gateway {
+        work,
+        pki,
+        port,
+        _server,
+    } = Gateway::start();
 
     // Without the gateway's CA the agent cannot verify it: the client is refused, never
     // relayed unverified.
@@ -282,11 +309,12 @@ fn an_unverifiable_gateway_is_refused_and_passthrough_relays_untouched() {
 
 #[test]
 fn ca_install_makes_the_system_store_trust_terminated_gateways() {
-    require_root();
-    let work = tempfile::tempdir().unwrap();
-    let pki = TestPki::new(work.path());
-    let port = free_port();
-    let _server = https_mcp_server(port, &pki);
+    let Gateway {
+        work,
+        pki,
+        port,
+        _server,
+    } = Gateway::start();
     let cgroup = TestCgroup::new("tls-ca-install");
     let state = work.path().join("state");
     let _agent = Agent::start_with(

@@ -1044,6 +1044,17 @@ mod tls {
         (answer, served)
     }
 
+    /// The first `tls_failure` record of the trail.
+    fn tls_failure(h: &Harness) -> Box<crate::audit::record::TlsFailureEvent> {
+        h.records()
+            .into_iter()
+            .find_map(|r| match r.event {
+                Event::TlsFailure(f) => Some(f),
+                _ => None,
+            })
+            .expect("a tls_failure record")
+    }
+
     fn gw() -> ServerName<'static> {
         ServerName::try_from("gw.test").unwrap()
     }
@@ -1119,14 +1130,7 @@ mod tls {
         );
         assert!(matches!(served.result, Err(ProxyError::Tls(_))));
         assert!(h.stub.seen().is_empty());
-        let failure = h
-            .records()
-            .into_iter()
-            .find_map(|r| match r.event {
-                Event::TlsFailure(f) => Some(f),
-                _ => None,
-            })
-            .expect("a tls_failure record");
+        let failure = tls_failure(&h);
         assert_eq!(failure.side, "upstream");
         assert!(
             failure.reason.contains("--upstream-ca"),
@@ -1160,14 +1164,7 @@ mod tls {
             .get("/usr/bin/old-client")
             .expect("named by its executable");
         assert_eq!((entry.count, entry.last_pid), (1, 77));
-        let failure = h
-            .records()
-            .into_iter()
-            .find_map(|r| match r.event {
-                Event::TlsFailure(f) => Some(f),
-                _ => None,
-            })
-            .unwrap();
+        let failure = tls_failure(&h);
         assert_eq!(failure.side, "client");
         assert!(
             failure.reason.contains("mcptrail ca install"),
