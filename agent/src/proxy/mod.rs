@@ -585,7 +585,14 @@ pub async fn serve_client<C: Io>(
     let (hello, first) =
         match tls::read_client_hello(&mut client, first, gateway.first_bytes_timeout).await {
             Ok(h) => h,
-            Err(e) => return Served::ended(Some(protocol), Err(e.into())),
+            // A hello that does not parse, or never ends, is a failed handshake like any.
+            Err(e) => {
+                let info = crate::audit::record::Tls {
+                    mode: ctx.default_mode.as_str().to_owned(),
+                    ..Default::default()
+                };
+                return tls_failed(&mut conn, protocol, e, info).await;
+            }
         };
     let entry = active
         .tls
@@ -638,27 +645,38 @@ pub async fn serve_client<C: Io>(
             }
         }
         Err(failed) => {
-            let tls::Failed { error: e, info } = *failed;
-            let (side, reason) = (e.side(), e.to_string());
-            tracing::warn!(side, %reason, sni = ?info.sni, "a TLS handshake failed");
-            conn.connection.tls = Some(info.clone());
-            let process = conn.process();
-            conn.parts.stats.note_tls_failure(side, &process, &reason);
-            conn.record(crate::audit::record::Event::TlsFailure(Box::new(
-                crate::audit::record::TlsFailureEvent {
-                    time: now_rfc3339(),
-                    side: side.to_owned(),
-                    reason,
-                    process,
-                    connection: conn.connection.clone(),
-                },
-            )))
-            .await;
-            Served {
-                protocol: Some(protocol),
-                tls: Some(info),
-                result: Err(e.into()),
-            }
+            let tls::Failed { error, info } = *failed;
+            tls_failed(&mut conn, protocol, error, info).await
         }
+    }
+}
+
+/// A TLS handshake that failed: a `tls_failure` record (side, reason, what to do), the
+/// counters, and the connection's end.
+async fn tls_failed(
+    conn: &mut http::records::Conn,
+    protocol: Protocol,
+    e: tls::TlsError,
+    info: crate::audit::record::Tls,
+) -> Served {
+    let (side, reason) = (e.side(), e.to_string());
+    tracing::warn!(side, %reason, sni = ?info.sni, "a TLS handshake failed");
+    conn.connection.tls = Some(info.clone());
+    let process = conn.process();
+    conn.parts.stats.note_tls_failure(side, &process, &reason);
+    conn.record(crate::audit::record::Event::TlsFailure(Box::new(
+        crate::audit::record::TlsFailureEvent {
+            time: now_rfc3339(),
+            side: side.to_owned(),
+            reason,
+            process,
+            connection: conn.connection.clone(),
+        },
+    )))
+    .await;
+    Served {
+        protocol: Some(protocol),
+        tls: Some(info),
+        result: Err(e.into()),
     }
 }

@@ -1262,6 +1262,29 @@ mod tls {
     }
 
     #[tokio::test]
+    async fn a_hello_that_never_ends_is_a_recorded_failure() {
+        let pki = pki();
+        let h = harness("[gateway]\nfirst_bytes_timeout_secs = 1\n", &pki, true).await;
+        // A TLS record header announcing 512 bytes, then nothing.
+        let (_, protocol, result) = h
+            .raw(Process::default(), |mut w| async move {
+                w.write_all(b"\x16\x03\x01\x02\x00\x01").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                w
+            })
+            .await;
+        assert_eq!(protocol, Some(Protocol::Tls));
+        assert!(matches!(result, Err(ProxyError::Tls(_))));
+        let failure = tls_failure(&h);
+        assert_eq!(failure.side, "client");
+        assert!(
+            failure.reason.contains("did not arrive"),
+            "{}",
+            failure.reason
+        );
+    }
+
+    #[tokio::test]
     async fn a_client_without_sni_gets_a_leaf_for_the_address() {
         let pki = pki();
         let h = harness("", &pki, true).await;
