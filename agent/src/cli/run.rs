@@ -391,9 +391,6 @@ async fn serve(
             approvals: approvals.clone(),
             mark: args.upstream_mark,
             capture_limit: args.capture_limit,
-            // In both modes: a response's last byte waits until its records are in the log
-            // (synced, or at least written), so a killed agent loses nothing a client saw.
-            hold_end: true,
             on_audit_failure: args.on_audit_failure,
             tls: Some(tls),
         },

@@ -118,8 +118,6 @@ pub struct Settings {
     pub mark: u32,
     /// Bytes of each HTTP body kept for the record (forwarding is never bounded by it).
     pub capture_limit: usize,
-    /// Hold each response's last byte until its records are durable (sync durability).
-    pub hold_end: bool,
     pub on_audit_failure: OnAuditFailure,
     /// TLS termination (the host CA, the roots); None: TLS is opaque to the proxy.
     pub tls: Option<Arc<tls::TlsContext>>,
@@ -421,7 +419,6 @@ impl Shared {
                 capture_limit: self.settings.capture_limit,
                 tracker: self.tracker.clone(),
                 correlator: self.correlator.clone(),
-                hold_end: self.settings.hold_end,
                 verifier: self.settings.verifier.clone(),
                 policy: self.settings.policy.clone(),
                 approvals: self.settings.approvals.clone(),

@@ -189,7 +189,6 @@ async fn handle(
         Ok(r) => r,
         Err(e) => {
             let error = BodyError::Read(e).to_string();
-            let active = conn.parts.policy.current();
             records::mask_http(&active, &mut http);
             conn.record(conn.http_event(
                 &http,
@@ -414,7 +413,7 @@ async fn handle(
             .map(|e| format!("the response: {e}")),
     };
     conn.parts.tracker.spawn(observed.run(rx));
-    let tee = tee::Tee::new(rbody, tx, conn.parts.hold_end);
+    let tee = tee::Tee::new(rbody, tx);
     match (wire, resp_codings) {
         (true, Ok(codings)) => {
             wire_response(rparts, tee, &active, &response_type, &codings, limit).await

@@ -30,7 +30,6 @@ pub struct ConnParts {
     pub capture_limit: usize,
     pub tracker: tokio_util::task::TaskTracker,
     pub correlator: Arc<Correlator>,
-    pub hold_end: bool,
     pub verifier: Arc<crate::identity::Verifier>,
     pub policy: Arc<Live>,
     pub approvals: Arc<Approvals>,

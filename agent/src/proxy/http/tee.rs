@@ -1,5 +1,5 @@
 //! The response body on its way to the client, with a copy of every data frame for the
-//! observer, and, under sync durability, its last byte held until the records are durable.
+//! observer, and its last byte held until the records are written (synced, in sync mode).
 #![forbid(unsafe_code)]
 
 use std::pin::Pin;
@@ -11,15 +11,13 @@ use tokio::sync::{mpsc, oneshot};
 
 /// The response body on its way to the client, with a copy of every data frame sent to the
 /// observer. The channel is unbounded so that the client never waits on the audit, with one
-/// exception when `hold_end` is set (the agent sets it in both durability modes): the body's
-/// last byte (the frame that completes a known length, or the end of a chunked or streamed
-/// body) is held until the observer has recorded what the response carried (synced, in sync
-/// mode). Nothing the client fully saw is
-/// then missing from the trail, and only the end waits.
+/// exception, in both durability modes: the body's last byte (the frame that completes a
+/// known length, or the end of a chunked or streamed body) is held until the observer has
+/// recorded what the response carried (synced, in sync mode). Nothing the client fully saw
+/// is then missing from the trail, even if the agent is killed, and only the end waits.
 pub struct Tee {
     inner: Incoming,
     tx: Option<mpsc::UnboundedSender<Chunk>>,
-    hold_end: bool,
     /// Body bytes still to come, when the length is known.
     remaining: Option<u64>,
     /// The final frame, waiting for the release.
@@ -30,12 +28,11 @@ pub struct Tee {
 }
 
 impl Tee {
-    pub fn new(inner: Incoming, tx: mpsc::UnboundedSender<Chunk>, hold_end: bool) -> Self {
+    pub fn new(inner: Incoming, tx: mpsc::UnboundedSender<Chunk>) -> Self {
         let remaining = inner.size_hint().exact();
         Tee {
             inner,
             tx: Some(tx),
-            hold_end,
             remaining,
             held: None,
             release: None,
@@ -43,17 +40,15 @@ impl Tee {
         }
     }
 
-    /// Tells the observer the body is over; with `hold_end`, arranges to wait for it.
+    /// Tells the observer the body is over, and arranges to wait for its records.
     fn announce_end(&mut self) {
         self.ended = true;
         let Some(tx) = self.tx.take() else {
             return;
         };
-        if self.hold_end {
-            let (release, wait) = oneshot::channel();
-            if tx.send(Chunk::End(release)).is_ok() {
-                self.release = Some(wait);
-            }
+        let (release, wait) = oneshot::channel();
+        if tx.send(Chunk::End(release)).is_ok() {
+            self.release = Some(wait);
         }
     }
 }
@@ -135,7 +130,7 @@ impl Body for Tee {
 }
 
 /// What the tee hands the observer: the response's bytes, then its end, which waits to be
-/// released when the body holds its last byte for the records (sync durability).
+/// released when the body holds its last byte for the records (synced, in sync mode).
 pub enum Chunk {
     Data(Bytes),
     End(oneshot::Sender<()>),

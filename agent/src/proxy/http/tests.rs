@@ -236,7 +236,6 @@ impl Harness {
                 capture_limit: 1 << 20,
                 tracker: self.tracker.clone(),
                 correlator: Arc::new(Correlator::default()),
-                hold_end: true,
                 verifier: self.verifier.clone(),
                 policy: self.live.clone(),
                 approvals: self.approvals.clone(),
