@@ -357,6 +357,10 @@ pub struct UpstreamCert {
     pub sha256: String,
     /// Verified against the system's roots and the configured extra ones.
     pub verified: bool,
+    /// The session with the gateway was resumed: this is the certificate verified when the
+    /// session began (rustls resumes only with the roots that verified it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
 }
 
 /// A TLS handshake that failed.

@@ -487,15 +487,18 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn profile(out: &str) {
+fn profile(out: &str, case: &str) {
     let addr = backend();
     let work = tempfile::tempdir().unwrap();
+    let pki = bench_pki(work.path());
+    let front = tls_front(addr, pki.server.clone());
+    let ca_arg = pki.ca_file.to_str().unwrap().to_owned();
     let cg = TestCgroup::new("mcp-profile");
     let agent = Agent::start_with(
         &work.path().join("p"),
         &cg,
-        &[addr.to_string()],
-        &["--durability", "buffered"],
+        &[addr.to_string(), front.to_string()],
+        &["--durability", "buffered", "--upstream-ca", &ca_arg],
         false,
     );
     enter(&cg.path);
@@ -518,11 +521,42 @@ fn profile(out: &str) {
         .args(["--", "sleep", "8"])
         .spawn()
         .expect("perf (Debian's linux-perf) is needed for --profile");
-    let (r, _) = saturation(addr, 32, 9, 1024);
+    let what = match case {
+        "tls" => {
+            let agent_ca = std::fs::read(work.path().join("p/keys/ca.pem")).unwrap();
+            let dial = Dial::Tls(
+                tls_client(roots_from_pem(&agent_ca)),
+                server_name("gw.bench.test"),
+            );
+            let lat = fixed_rate_with(front, &dial, 1000, 8, 1024);
+            format!(
+                "TLS keep-alive at 1,000/s: p50 {} us, p99 {} us",
+                pct(&lat, 0.5),
+                pct(&lat, 0.99)
+            )
+        }
+        "connect" => {
+            let agent_ca = std::fs::read(work.path().join("p/keys/ca.pem")).unwrap();
+            let t = new_connections(front, tls_client(roots_from_pem(&agent_ca)), 2000, false, 0);
+            format!("TLS new connections one after another: median {t} us")
+        }
+        "plain" => {
+            let lat = fixed_rate(addr, 1000, 8, 1024);
+            format!(
+                "plain keep-alive at 1,000/s: p50 {} us, p99 {} us",
+                pct(&lat, 0.5),
+                pct(&lat, 0.99)
+            )
+        }
+        _ => {
+            let (r, _) = saturation(addr, 32, 9, 1024);
+            format!("saturation: {r:.0} calls/s")
+        }
+    };
     let _ = perf.wait();
     enter(cg.path.parent().unwrap());
     println!(
-        "profiled saturation: {r:.0} calls/s; `perf report -i {out} --no-children` shows where the agent's time goes"
+        "profiled {what}; `perf report -i {out} --no-children` shows where the agent's time goes"
     );
     drop(agent);
 }
@@ -590,20 +624,22 @@ fn records_per_sec(dir: &Path, sync: bool, writers: usize, secs: u64) -> f64 {
     rate
 }
 
-/// `--profile FILE`: only the saturation case of the buffered, masking set-up, with `perf
-/// record` (cpu-clock, call graphs) on the agent meanwhile; then `perf report` reads FILE.
-fn profile_arg() -> Option<String> {
+/// `--profile FILE [--case saturation|tls|plain|connect]`: one case of the buffered, masking
+/// set-up (the saturation run, keep-alive calls at 1,000/s over TLS or plain HTTP, or new TLS
+/// connections one after another), with `perf record` (cpu-clock, call
+/// graphs) on the agent meanwhile; then `perf report` reads FILE.
+fn arg_after(flag: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
-        .position(|a| a == "--profile")
+        .position(|a| a == flag)
         .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
     require_root();
     let quick = quick();
-    if let Some(out) = profile_arg() {
-        return profile(&out);
+    if let Some(out) = arg_after("--profile") {
+        return profile(&out, &arg_after("--case").unwrap_or_default());
     }
     let secs = if quick { 2 } else { 5 };
     let rates: &[u64] = if quick { &[1000] } else { &[500, 1000, 2000] };

@@ -1004,7 +1004,11 @@ mod tls {
         trusted: rustls::RootCertStore,
         body: Value,
     ) -> (Result<Value, String>, crate::proxy::Served) {
-        let (client, task) = h.open(process);
+        let (answer, served) = call_with(h, process, name, client_config(trusted), body).await;
+        (answer.map(|(v, _)| v), served)
+    }
+
+    fn client_config(trusted: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -1013,11 +1017,28 @@ mod tls {
         .with_root_certificates(trusted)
         .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
+    /// One call over TLS with the client's own configuration (whose sessions it may resume):
+    /// the answer and how the client's handshake went, and how the proxy saw it.
+    async fn call_with(
+        h: &Harness,
+        process: Process,
+        name: ServerName<'static>,
+        config: Arc<rustls::ClientConfig>,
+        body: Value,
+    ) -> (
+        Result<(Value, Option<rustls::HandshakeKind>), String>,
+        crate::proxy::Served,
+    ) {
+        let (client, task) = h.open(process);
         let answer = async {
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, client)
                 .await
                 .map_err(|e| e.to_string())?;
+            let kind = tls.get_ref().1.handshake_kind();
             let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -1033,7 +1054,7 @@ mod tls {
                 .await
                 .map_err(|e| e.to_string())?;
             let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            Ok(json_body(&bytes))
+            Ok((json_body(&bytes), kind))
         }
         .await;
         let served = tokio::time::timeout(Duration::from_secs(20), task)
@@ -1258,6 +1279,132 @@ mod tls {
         assert!(answer.is_err());
         let err = served.result.unwrap_err().to_string();
         assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    /// The gateway's configuration asking for client certificates from a CA of its own:
+    /// required, or optional (`allow_unauthenticated`).
+    fn wanting_client_certificates(
+        pki: &mut Pki,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        optional: bool,
+    ) {
+        let client_ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let client_ca = rcgen::CertifiedIssuer::self_signed(params, client_ca_key).unwrap();
+        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(client_ca.der())),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        );
+        let verifier = if optional {
+            builder.allow_unauthenticated().build().unwrap()
+        } else {
+            builder.build().unwrap()
+        };
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(pki.gateway.cert_resolver.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        pki.gateway = Arc::new(config);
+    }
+
+    #[tokio::test]
+    async fn a_gateway_requiring_a_client_certificate_none_configured_refuses_at_the_handshake() {
+        // TLS 1.2 refuses inside the handshake; TLS 1.3 only after it, with an alert: both
+        // must refuse the client at its handshake with a record that says what to configure,
+        // not take it on and answer its first call with a 502.
+        for versions in [
+            &[&rustls::version::TLS12][..],
+            &[&rustls::version::TLS13][..],
+        ] {
+            let mut pki = pki_with(versions);
+            wanting_client_certificates(&mut pki, versions, false);
+            let h = harness("", &pki, true).await;
+            let (answer, served) = call_over_tls(
+                &h,
+                Process::default(),
+                gw(),
+                roots(&host_ca(&h)),
+                call(1, "add", json!({})),
+            )
+            .await;
+            assert!(answer.is_err(), "{versions:?}: {answer:?}");
+            assert!(
+                matches!(served.result, Err(ProxyError::Tls(_))),
+                "{versions:?}"
+            );
+            assert!(h.stub.seen().is_empty());
+            let failure = tls_failure(&h);
+            assert_eq!(failure.side, "upstream");
+            assert!(
+                failure.reason.contains("client_cert_file")
+                    && failure.reason.contains("passthrough"),
+                "{versions:?}: {}",
+                failure.reason
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_for_which_a_client_certificate_is_optional_is_reached_without_one() {
+        for versions in [
+            &[&rustls::version::TLS12][..],
+            &[&rustls::version::TLS13][..],
+        ] {
+            let mut pki = pki_with(versions);
+            wanting_client_certificates(&mut pki, versions, true);
+            let h = harness("", &pki, true).await;
+            let (answer, served) = call_over_tls(
+                &h,
+                Process::default(),
+                gw(),
+                roots(&host_ca(&h)),
+                call(1, "add", json!({})),
+            )
+            .await;
+            assert_eq!(
+                answer.unwrap()["id"],
+                1,
+                "{versions:?}: {:?}",
+                served.result.err()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reconnects_resumes_its_session() {
+        let pki = pki();
+        let h = harness("", &pki, true).await;
+        let config = client_config(roots(&host_ca(&h)));
+        let mut kinds = Vec::new();
+        for id in 1..=3 {
+            let (answer, served) = call_with(
+                &h,
+                Process::default(),
+                gw(),
+                config.clone(),
+                call(id, "add", json!({})),
+            )
+            .await;
+            let (value, kind) = answer.unwrap();
+            assert_eq!(value["id"], id);
+            // Every connection's record names the gateway's certificate, resumed or not, and
+            // says whether the proxy's session with the gateway was resumed.
+            let upstream = served.tls.unwrap().upstream.unwrap();
+            assert!(upstream.verified && upstream.sans.contains(&"gw.test".to_owned()));
+            kinds.push((kind, upstream.resumed));
+        }
+        assert_eq!(kinds[0], (Some(rustls::HandshakeKind::Full), false));
+        assert_eq!(
+            kinds[2],
+            (Some(rustls::HandshakeKind::Resumed), true),
+            "{kinds:?}"
+        );
+        assert_eq!(h.stub.seen().len(), 3);
     }
 
     #[tokio::test]

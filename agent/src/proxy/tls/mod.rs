@@ -91,7 +91,84 @@ pub struct TlsContext {
     provider: Arc<rustls::crypto::CryptoProvider>,
     /// The host CA and retired ones, DER: kept out of every set of roots.
     own: Vec<Vec<u8>>,
+    /// For gateways with no files of their own: the roots above, no client certificate.
+    plain_upstream: Arc<Upstream>,
+    /// For gateways with their own roots or client certificate, by what their files were
+    /// when read: a file that changes is read again, one that does not is read once.
+    upstreams: std::sync::Mutex<lru::LruCache<UpstreamKey, Arc<Upstream>>>,
+    /// The clients' sessions, shared by every connection's server configuration, so that a
+    /// client that reconnects resumes instead of doing a full handshake again.
+    client_sessions: Arc<dyn rustls::server::StoresServerSessions>,
 }
+
+/// What connections to gateways with the same files share: the verifier (the roots), the
+/// client certificate, and the sessions to resume.
+struct Upstream {
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    auth: Arc<ClientAuth>,
+    /// Per verifier: a session is resumed only with the roots that verified it.
+    sessions: Arc<dyn rustls::client::ClientSessionStore>,
+}
+
+/// A file as it was when read: its path, length, mode and modification time.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Stamp(PathBuf, u64, u32, Option<std::time::SystemTime>);
+
+impl Stamp {
+    fn of(path: &Path) -> Result<Stamp, std::io::Error> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(path)?;
+        Ok(Stamp(
+            path.to_path_buf(),
+            meta.len(),
+            meta.permissions().mode(),
+            meta.modified().ok(),
+        ))
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct UpstreamKey {
+    roots: Option<Stamp>,
+    identity: Option<(Stamp, Stamp)>,
+}
+
+/// How many sets of gateway files are kept read, and how many sessions each side keeps.
+const UPSTREAMS_KEPT: usize = 64;
+const SESSIONS_KEPT: usize = 4096;
+
+/// Answers a gateway's request for a client certificate with the configured one (or none).
+/// One per [`Upstream`]: rustls resumes a session only with the resolver (and verifier) that
+/// made it. Whether a connection's gateway asked is told through [`ASKED`], set by the task
+/// whose handshake this is.
+#[derive(Debug)]
+struct ClientAuth {
+    identity: Option<Arc<rustls::sign::CertifiedKey>>,
+}
+
+tokio::task_local! {
+    /// Set while a gateway handshake runs: whether the gateway asked for a certificate.
+    static ASKED: std::cell::Cell<bool>;
+}
+
+impl rustls::client::ResolvesClientCert for ClientAuth {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // Outside a scope (a reconnect), nobody is waiting to know.
+        let _ = ASKED.try_with(|a| a.set(true));
+        self.identity.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.identity.is_some()
+    }
+}
+
+/// The refusal of a gateway that asks for a client certificate when none is configured.
+const CERTIFICATE_REQUIRED: &str = "the gateway asks for a client certificate and none is configured for it: set `client_cert_file` and `client_key_file` in its `[[tls.gateways]]` entry, or pass it through (`mode = \"passthrough\"`)";
 
 /// Reads a PEM bundle of certificates.
 pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -159,22 +236,72 @@ impl TlsContext {
             extra = extra.len(),
             "TLS: gateways are checked against the system's roots and the extra ones"
         );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(roots);
+        let plain_upstream = Arc::new(Upstream {
+            verifier: verifier(roots.clone(), &provider).map_err(|why| TlsError::Roots {
+                path: PathBuf::from("(the system's roots)"),
+                why,
+            })?,
+            auth: Arc::new(ClientAuth { identity: None }),
+            sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSIONS_KEPT)),
+        });
         Ok(TlsContext {
             ca,
-            roots: Arc::new(roots),
+            roots,
             default_mode,
-            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            provider,
             own,
+            plain_upstream,
+            upstreams: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(UPSTREAMS_KEPT).expect("not zero"),
+            )),
+            client_sessions: rustls::server::ServerSessionMemoryCache::new(SESSIONS_KEPT),
         })
     }
 
-    /// The client configuration for a gateway: the roots, plus its own extra ones.
-    fn client_config(
-        &self,
-        gateway: Option<&GatewayConfig>,
-        alpn: &[Vec<u8>],
-    ) -> Result<Arc<ClientConfig>, TlsError> {
-        let roots = match gateway.and_then(|g| g.upstream_ca_file.as_deref()) {
+    /// What a gateway's connections share: read from its files the first time, and again
+    /// only when one of them changes (a stat per connection, no read).
+    fn upstream(&self, gateway: Option<&GatewayConfig>) -> Result<Arc<Upstream>, TlsError> {
+        let ca_file = gateway.and_then(|g| g.upstream_ca_file.as_deref());
+        let identity_files = gateway.and_then(|g| {
+            g.client_cert_file
+                .as_deref()
+                .zip(g.client_key_file.as_deref())
+        });
+        if ca_file.is_none() && identity_files.is_none() {
+            return Ok(self.plain_upstream.clone());
+        }
+        let key = UpstreamKey {
+            roots: ca_file
+                .map(|p| {
+                    Stamp::of(p).map_err(|e| TlsError::Roots {
+                        path: p.to_path_buf(),
+                        why: e.to_string(),
+                    })
+                })
+                .transpose()?,
+            identity: identity_files
+                .map(|(c, k)| {
+                    let stamp = |p: &Path| {
+                        Stamp::of(p).map_err(|e| TlsError::ClientCert {
+                            path: p.to_path_buf(),
+                            why: e.to_string(),
+                        })
+                    };
+                    Ok::<_, TlsError>((stamp(c)?, stamp(k)?))
+                })
+                .transpose()?,
+        };
+        if let Some(u) = self
+            .upstreams
+            .lock()
+            .expect("upstream cache lock")
+            .get(&key)
+        {
+            return Ok(u.clone());
+        }
+        let roots = match ca_file {
             None => self.roots.clone(),
             Some(path) => {
                 let mut more = (*self.roots).clone();
@@ -190,29 +317,68 @@ impl TlsContext {
                 Arc::new(more)
             }
         };
-        let builder = ClientConfig::builder_with_provider(self.provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Upstream(e.to_string()))?
-            .with_root_certificates(roots);
-        let mut config = match gateway.and_then(|g| {
-            g.client_cert_file
-                .as_deref()
-                .zip(g.client_key_file.as_deref())
-        }) {
-            None => builder.with_no_client_auth(),
+        let verifier = verifier(roots, &self.provider).map_err(|why| TlsError::Roots {
+            path: ca_file.map(Path::to_path_buf).unwrap_or_default(),
+            why,
+        })?;
+        let identity = match identity_files {
+            None => None,
             Some((cert, key)) => {
-                let (chain, key) = read_client_identity(cert, key)?;
-                builder
-                    .with_client_auth_cert(chain, key)
+                let (chain, key_der) = read_client_identity(cert, key)?;
+                let signer = self
+                    .provider
+                    .key_provider
+                    .load_private_key(key_der)
                     .map_err(|e| TlsError::ClientCert {
-                        path: cert.to_path_buf(),
+                        path: key.to_path_buf(),
                         why: e.to_string(),
-                    })?
+                    })?;
+                let certified = rustls::sign::CertifiedKey::new(chain, signer);
+                certified.keys_match().map_err(|e| TlsError::ClientCert {
+                    path: cert.to_path_buf(),
+                    why: format!("the key does not belong to the certificate: {e}"),
+                })?;
+                Some(Arc::new(certified))
             }
         };
-        config.alpn_protocols = alpn.to_vec();
-        Ok(Arc::new(config))
+        let upstream = Arc::new(Upstream {
+            verifier,
+            auth: Arc::new(ClientAuth { identity }),
+            sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSIONS_KEPT)),
+        });
+        self.upstreams
+            .lock()
+            .expect("upstream cache lock")
+            .put(key, upstream.clone());
+        Ok(upstream)
     }
+
+    /// The client configuration for one connection to a gateway (what its connections share
+    /// and the ALPN offer), and whether a client certificate is configured for it.
+    fn client_config(
+        &self,
+        gateway: Option<&GatewayConfig>,
+        alpn: &[Vec<u8>],
+    ) -> Result<(Arc<ClientConfig>, bool), TlsError> {
+        let upstream = self.upstream(gateway)?;
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Upstream(e.to_string()))?
+            .with_webpki_verifier(upstream.verifier.clone())
+            .with_client_cert_resolver(upstream.auth.clone());
+        config.resumption = rustls::client::Resumption::store(upstream.sessions.clone());
+        config.alpn_protocols = alpn.to_vec();
+        Ok((Arc::new(config), upstream.auth.identity.is_some()))
+    }
+}
+
+fn verifier(
+    roots: Arc<RootCertStore>,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>, String> {
+    rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// A gateway's client certificate chain and key: the key must be root's alone, like every
@@ -371,6 +537,7 @@ fn describe_cert(der: &CertificateDer<'_>) -> (UpstreamCert, Vec<String>) {
             not_after,
             sha256,
             verified: true,
+            resumed: false,
         },
         names,
     )
@@ -441,26 +608,70 @@ pub async fn terminate<C: Io>(
         Ok(n) => n,
         Err(e) => return fail(e, &info),
     };
-    let config = match ctx.client_config(gateway, &alpn) {
+    let (config, has_identity) = match ctx.client_config(gateway, &alpn) {
         Ok(c) => c,
         Err(e) => return fail(e, &info),
     };
     let connector = tokio_rustls::TlsConnector::from(config);
     // Each handshake is bounded: a gateway or a client that stalls in it must not hold a
     // task and two sockets for ever.
-    let upstream =
-        match tokio::time::timeout(handshake_timeout, connector.connect(name.clone(), tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return fail(TlsError::Upstream(explain("upstream", &e)), &info),
-            Err(_) => {
+    let started = std::time::Instant::now();
+    let (handshake, asked) = ASKED
+        .scope(std::cell::Cell::new(false), async {
+            let r =
+                tokio::time::timeout(handshake_timeout, connector.connect(name.clone(), tcp)).await;
+            (r, ASKED.with(|a| a.get()))
+        })
+        .await;
+    let asked_without_certificate = asked && !has_identity;
+    let upstream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) if asked_without_certificate => {
+            return fail(
+                TlsError::Upstream(format!("{CERTIFICATE_REQUIRED} ({e})")),
+                &info,
+            );
+        }
+        Ok(Err(e)) => return fail(TlsError::Upstream(explain("upstream", &e)), &info),
+        Err(_) => {
+            return fail(
+                TlsError::Upstream(format!(
+                    "the gateway's handshake took longer than {handshake_timeout:?}"
+                )),
+                &info,
+            );
+        }
+    };
+    // In TLS 1.3 a gateway judges the client's (empty) certificate only after the client's
+    // handshake is over: its refusal is an alert that follows. When it asked and got none,
+    // wait for that verdict (twice the handshake's time, at least 20 ms, at most 1 s) rather
+    // than take the client on and answer its first call with a 502. A gateway for which the
+    // certificate is optional says nothing, and the connection goes on.
+    let mut upstream = upstream;
+    let mut early = Vec::new();
+    if asked_without_certificate {
+        use tokio::io::AsyncReadExt as _;
+        let wait = (started.elapsed() * 2 + Duration::from_millis(20)).min(Duration::from_secs(1));
+        let mut buf = vec![0u8; 16 * 1024];
+        match tokio::time::timeout(wait, upstream.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0)) => {
                 return fail(
                     TlsError::Upstream(format!(
-                        "the gateway's handshake took longer than {handshake_timeout:?}"
+                        "{CERTIFICATE_REQUIRED} (it closed the connection)"
                     )),
                     &info,
                 );
             }
-        };
+            Ok(Ok(n)) => early.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => {
+                return fail(
+                    TlsError::Upstream(format!("{CERTIFICATE_REQUIRED} ({e})")),
+                    &info,
+                );
+            }
+        }
+    }
     let (conn_info, names) = {
         let (_, session) = upstream.get_ref();
         info.version = session
@@ -475,8 +686,13 @@ pub async fn terminate<C: Io>(
         info.alpn = session
             .alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned());
+        let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         match session.peer_certificates().and_then(|c| c.first()) {
-            Some(der) => describe_cert(der),
+            Some(der) => {
+                let (mut cert, names) = describe_cert(der);
+                cert.resumed = resumed;
+                (cert, names)
+            }
             None => {
                 return fail(
                     TlsError::Upstream("the gateway sent no certificate".into()),
@@ -507,6 +723,9 @@ pub async fn terminate<C: Io>(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(leaf)));
     server.alpn_protocols = info.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // Sessions shared across connections: a client resumes (rustls resumes only for the same
+    // SNI, and a client offers a session only to the server name it got it from).
+    server.session_storage = ctx.client_sessions.clone();
     let acceptor =
         tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
     let accepted = tokio::time::timeout(handshake_timeout, async {
@@ -545,7 +764,11 @@ pub async fn terminate<C: Io>(
     };
     Ok(Terminated {
         client: Box::new(client),
-        upstream: Box::new(upstream),
+        upstream: if early.is_empty() {
+            Box::new(upstream)
+        } else {
+            Box::new(crate::proxy::detect::Rewind::new(early, upstream))
+        },
         connect: again,
         info,
     })
