@@ -22,12 +22,18 @@ const APT_PACKAGES: &[&str] = &[
 /// The bpf-linker release this recipe is known to build.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// The official MCP SDK the end-to-end tests drive (server and client), pinned.
-const MCP_SDK: &str = "mcp==2.3.0";
+/// The Python packages of the end-to-end tests, pinned: the official MCP SDK (server and
+/// client), and for HTTP/2 the `h2` package (httpx's HTTP/2, the SDK client's) and hypercorn
+/// (an ASGI server that speaks h2, for the SDK's server app).
+const PYTHON_PACKAGES: [&str; 3] = ["mcp==2.3.0", "h2==4.4.1", "hypercorn==0.18.0"];
 
-/// The official TypeScript MCP SDK, for a Node.js client in the TLS tests, pinned.
-const TS_SDK: &str = "@modelcontextprotocol/sdk";
-const TS_SDK_VERSION: &str = "1.32.2";
+/// The npm packages of the end-to-end tests, pinned: the official TypeScript MCP SDK (a
+/// Node.js client in the TLS and HTTP/2 tests), and undici, whose fetch that client uses to
+/// speak HTTP/2 (Node 20's bundled fetch does not offer h2).
+const NPM_PACKAGES: [(&str, &str); 2] = [
+    ("@modelcontextprotocol/sdk", "1.32.2"),
+    ("undici", "7.30.2"),
+];
 
 pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
@@ -71,15 +77,22 @@ fn mcp_sdk() -> anyhow::Result<()> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
     let venv = PathBuf::from(home).join(".local/share/mcptrail/venv");
     let python = venv.join("bin/python");
-    let pinned = MCP_SDK.split_once("==").map_or(MCP_SDK, |(_, v)| v);
+    // Every pinned package at its version, or pip runs.
+    let check = PYTHON_PACKAGES
+        .iter()
+        .map(|p| {
+            let (name, version) = p.split_once("==").unwrap_or((p, ""));
+            format!("m.version({name:?}) == {version:?}")
+        })
+        .collect::<Vec<_>>()
+        .join(" and ");
     let installed = Command::new(&python)
         .args([
             "-c",
-            "import importlib.metadata as m; print(m.version('mcp'))",
+            &format!("import importlib.metadata as m, sys; sys.exit(0 if {check} else 1)"),
         ])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == pinned)
-        .unwrap_or(false);
+        .is_ok_and(|o| o.status.success());
     if installed {
         return Ok(());
     }
@@ -89,9 +102,9 @@ fn mcp_sdk() -> anyhow::Result<()> {
     run_checked(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])
-            .arg(MCP_SDK),
+            .args(PYTHON_PACKAGES),
     )
-    .context("installing the MCP SDK for the end-to-end tests")
+    .context("installing the MCP SDK, h2 and hypercorn for the end-to-end tests")
 }
 
 /// The TypeScript SDK in ~/.local/share/mcptrail/node (the tests put its node_modules on
@@ -99,11 +112,12 @@ fn mcp_sdk() -> anyhow::Result<()> {
 fn ts_sdk() -> anyhow::Result<()> {
     let home = std::env::var_os("HOME").context("HOME is not set")?;
     let dir = PathBuf::from(home).join(".local/share/mcptrail/node");
-    let manifest = dir.join("node_modules").join(TS_SDK).join("package.json");
-    let installed = std::fs::read_to_string(&manifest)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v["version"] == TS_SDK_VERSION);
+    let installed = NPM_PACKAGES.iter().all(|(name, version)| {
+        std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["version"] == *version)
+    });
     if installed {
         return Ok(());
     }
@@ -112,9 +126,9 @@ fn ts_sdk() -> anyhow::Result<()> {
         Command::new("npm")
             .args(["install", "--no-audit", "--no-fund", "--prefix"])
             .arg(&dir)
-            .arg(format!("{TS_SDK}@{TS_SDK_VERSION}")),
+            .args(NPM_PACKAGES.iter().map(|(n, v)| format!("{n}@{v}"))),
     )
-    .context("installing the TypeScript MCP SDK for the TLS tests (needs Node.js and npm)")
+    .context("installing the TypeScript MCP SDK and undici for the end-to-end tests (needs Node.js and npm)")
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {

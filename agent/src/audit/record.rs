@@ -558,6 +558,20 @@ pub struct HttpInfo {
     /// Response `Content-Type` (for example `text/event-stream`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
+    /// The HTTP version the client spoke: `1.1`, `1.0` or `2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// HTTP/2: the stream this exchange was on (1, 3, 5... as the client opened them; hyper
+    /// does not show the frames' own numbers, and clients number their streams in order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u32>,
+    /// The version the gateway was spoken to in, when not the client's (`1.1`: an HTTP/2
+    /// client of a plaintext gateway that speaks only HTTP/1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_version: Option<String>,
+    /// Response trailers, when the gateway sent any (values masked like headers).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub trailers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -5,6 +5,7 @@ pub mod access;
 pub mod approvals;
 pub mod brokering;
 pub mod gateway;
+pub mod http2;
 pub mod live;
 pub mod masking;
 pub mod tls;
@@ -61,6 +62,8 @@ struct PolicyFile {
     gateway: gateway::GatewayConfig,
     #[serde(default)]
     tls: tls::TlsConfig,
+    #[serde(default)]
+    http2: http2::Http2Limits,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -88,6 +91,8 @@ pub struct Policy {
     pub gateway: gateway::GatewayConfig,
     /// How TLS to each gateway is handled (`[tls]`).
     pub tls: tls::TlsConfig,
+    /// The bounds of HTTP/2 client connections (`[http2]`).
+    pub http2: http2::Http2Limits,
     /// `embedded` or the file's path.
     pub source: String,
     pub sha256: [u8; 32],
@@ -155,6 +160,10 @@ impl Policy {
             source_name: source_name.to_owned(),
             message,
         })?;
+        file.http2.check().map_err(|message| PolicyError::Invalid {
+            source_name: source_name.to_owned(),
+            message,
+        })?;
         if file.version != SCHEMA_VERSION {
             return Err(PolicyError::Version {
                 source_name: source_name.to_owned(),
@@ -170,6 +179,7 @@ impl Policy {
             brokering: file.brokering,
             gateway: file.gateway,
             tls: file.tls,
+            http2: file.http2,
             source: source_name.to_owned(),
             sha256: Sha256::digest(text.as_bytes()).into(),
         })

@@ -87,6 +87,7 @@ impl ProxyError {
             ProxyError::Detect(DetectError::Closed { .. }) => Status::Closed,
             ProxyError::Detect(DetectError::Timeout { .. })
             | ProxyError::OpaqueRefused(_)
+            | ProxyError::Http(http::HttpError::CutOff(_))
             | ProxyError::Tls(_) => Status::Refused,
             ProxyError::UpstreamTimeout(_) | ProxyError::UpstreamConnect(_) => {
                 Status::UpstreamConnectFailed
@@ -227,6 +228,8 @@ struct Shared {
     tracker: TaskTracker,
     /// Requests waiting for answers that may come on another exchange or connection.
     correlator: Arc<correlate::Correlator>,
+    /// Which plaintext gateways speak h2c.
+    h2c: Arc<http::h2c::H2cProbe>,
 }
 
 pub struct Proxy {
@@ -264,6 +267,7 @@ impl Proxy {
                 run_id: format!("{:x}", chrono::Utc::now().timestamp()),
                 tracker,
                 correlator: Arc::default(),
+                h2c: Arc::default(),
             }),
         })
     }
@@ -432,6 +436,7 @@ impl Shared {
             connect: marked_connector(dst, self.settings.mark),
             connect_timeout: self.settings.connect_timeout,
             tls: self.settings.tls.clone(),
+            h2c: self.h2c.clone(),
         };
         let client = relay::Counted::new(client, counts.clone());
         let served = tokio::select! {
@@ -501,6 +506,8 @@ pub struct Route {
     pub connect_timeout: Duration,
     /// TLS termination; None: TLS is relayed or refused like other opaque bytes.
     pub tls: Option<Arc<tls::TlsContext>>,
+    /// Which plaintext gateways speak HTTP/2 with prior knowledge.
+    pub h2c: Arc<http::h2c::H2cProbe>,
 }
 
 /// A connector that dials `dst` from sockets carrying the agent's mark.
@@ -557,7 +564,10 @@ pub async fn serve_client<C: Io>(
         Err(e) => return Served::ended(None, Err(e.into())),
     };
     let tls = route.tls.clone().filter(|_| protocol == Protocol::Tls);
-    if protocol != Protocol::Http1 && tls.is_none() && gateway.opaque == Opaque::Refuse {
+    if !matches!(protocol, Protocol::Http1 | Protocol::H2)
+        && tls.is_none()
+        && gateway.opaque == Opaque::Refuse
+    {
         return Served::ended(Some(protocol), Err(ProxyError::OpaqueRefused(protocol)));
     }
     let Some(ctx) = tls else {
@@ -567,11 +577,37 @@ pub async fn serve_client<C: Io>(
         };
         let client = Rewind::new(first, client);
         let result = match protocol {
-            Protocol::Http1 => http::serve(client, upstream, route.connect, Arc::new(conn))
+            Protocol::Http1 => http::serve(
+                client,
+                upstream,
+                route.connect,
+                Arc::new(conn),
+                http::Version::Http1,
+                http::Version::Http1,
+            )
+            .await
+            .map_err(ProxyError::from),
+            // h2c with prior knowledge: HTTP/2 in plaintext to the gateway too, when it
+            // speaks it; else HTTP/1.1 to it, each stream a request.
+            Protocol::H2 => {
+                let upstream_version = if route.h2c.speaks_h2c(route.dst, &route.connect).await {
+                    http::Version::Http2
+                } else {
+                    http::Version::Http1
+                };
+                http::serve(
+                    client,
+                    upstream,
+                    route.connect,
+                    Arc::new(conn),
+                    http::Version::Http2,
+                    upstream_version,
+                )
                 .await
-                .map_err(ProxyError::from),
+                .map_err(ProxyError::from)
+            }
             // The client stream counts what passes; the relay's own counts are not needed.
-            Protocol::Tls | Protocol::H2 | Protocol::Opaque => {
+            Protocol::Tls | Protocol::Opaque => {
                 relay::relay(client, upstream, &relay::Counts::default())
                     .await
                     .map_err(ProxyError::Relay)
@@ -632,9 +668,21 @@ pub async fn serve_client<C: Io>(
     {
         Ok(t) => {
             conn.connection.tls = Some(t.info.clone());
-            let result = http::serve(t.client, t.upstream, t.connect, Arc::new(conn))
-                .await
-                .map_err(ProxyError::from);
+            // The client was offered only what the gateway chose: the versions match.
+            let version = match t.info.alpn.as_deref() {
+                Some("h2") => http::Version::Http2,
+                _ => http::Version::Http1,
+            };
+            let result = http::serve(
+                t.client,
+                t.upstream,
+                t.connect,
+                Arc::new(conn),
+                version,
+                version,
+            )
+            .await
+            .map_err(ProxyError::from);
             Served {
                 protocol: Some(protocol),
                 tls: Some(t.info),

@@ -1,6 +1,8 @@
-//! The gateway side of one client connection: an HTTP/1.1 client that starts on the
-//! connection the proxy opened and, when the gateway closes it between requests (as HTTP/1.1
-//! servers may), sends the next request over a new one.
+//! The gateway side of one client connection: an HTTP client that starts on the connection
+//! the proxy opened and, when the gateway closes it (between HTTP/1.1 requests, or with an
+//! HTTP/2 GOAWAY), sends the next request over a new one. HTTP/1.1 carries one request at a
+//! time; HTTP/2 multiplexes the client's streams on one gateway connection, so a slow call
+//! does not hold up the others.
 #![forbid(unsafe_code)]
 
 use std::future::Future;
@@ -36,56 +38,186 @@ pub enum GatewayError {
     Closed,
 }
 
+/// The HTTP version spoken with the gateway: the client's (the proxy never translates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    Http2,
+}
+
 pub struct Gateway {
+    version: Version,
+    state: tokio::sync::Mutex<State>,
+}
+
+struct State {
     connect: Connect,
-    sender: Option<hyper::client::conn::http1::SendRequest<ProxyBody>>,
+    sender: Option<Sender>,
     /// The connection tasks still running (one per live gateway connection, at most a few:
     /// finished ones are reaped at each reconnect). Dropping the set aborts them.
     tasks: tokio::task::JoinSet<()>,
 }
 
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<ProxyBody>),
+    Http2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+}
+
 impl Gateway {
-    pub async fn new(first: BoxIo, connect: Connect) -> Result<Self, GatewayError> {
-        let mut g = Gateway {
+    pub async fn new(
+        first: BoxIo,
+        connect: Connect,
+        version: Version,
+    ) -> Result<Self, GatewayError> {
+        let mut state = State {
             connect,
             sender: None,
             tasks: tokio::task::JoinSet::new(),
         };
-        g.attach(first).await?;
-        Ok(g)
+        state.attach(first, version).await?;
+        Ok(Gateway {
+            version,
+            state: tokio::sync::Mutex::new(state),
+        })
     }
 
     /// Connection tasks alive now (for the test that they do not grow with reconnects).
-    pub fn live_tasks(&self) -> usize {
-        self.tasks.len()
+    pub async fn live_tasks(&self) -> usize {
+        self.state.lock().await.tasks.len()
     }
 
-    async fn attach(&mut self, io: BoxIo) -> Result<(), GatewayError> {
-        while self.tasks.try_join_next().is_some() {}
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .preserve_header_case(true)
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(GatewayError::Handshake)?;
-        self.tasks.spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "gateway connection ended with an error");
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Sends one request: over HTTP/1.1 one at a time (the connection carries one exchange
+    /// at a time anyway), over HTTP/2 on a shared connection, each stream on its own.
+    pub async fn send(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        match self.version {
+            Version::Http1 => {
+                if req.version() == hyper::Version::HTTP_2 {
+                    downgrade(&mut req);
+                }
+                self.state.lock().await.send_http1(req).await
             }
-        });
-        self.sender = Some(sender);
+            Version::Http2 => self.send_http2(req).await,
+        }
+    }
+
+    async fn send_http2(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        for _ in 0..2 {
+            // The lock is held only to find (or open) the connection, never across a call.
+            let mut sender = {
+                let mut state = self.state.lock().await;
+                if state.sender.as_ref().is_none_or(Sender::is_closed) {
+                    let io = (state.connect)().await.map_err(GatewayError::Reconnect)?;
+                    state.attach(io, Version::Http2).await?;
+                }
+                match &state.sender {
+                    Some(Sender::Http2(s)) => s.clone(),
+                    _ => return Err(GatewayError::Closed),
+                }
+            };
+            if sender.ready().await.is_err() {
+                self.state.lock().await.sender = None;
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // Refused before it was sent (a GOAWAY): once more on a new connection.
+                    Some(unsent) => {
+                        req = unsent;
+                        self.state.lock().await.sender = None;
+                    }
+                    None => return Err(GatewayError::Send(e.into_error())),
+                },
+            }
+        }
+        Err(GatewayError::Closed)
+    }
+}
+
+/// An HTTP/2 request made HTTP/1.1: its authority becomes the Host header and its target the
+/// origin form, as an HTTP/1.1 server expects. (hyper's HTTP/2 server strips the
+/// connection-specific headers of the HTTP/1.1 answer on the way back.)
+fn downgrade(req: &mut Request<ProxyBody>) {
+    *req.version_mut() = hyper::Version::HTTP_11;
+    if let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned())
+        && !req.headers().contains_key(hyper::header::HOST)
+        && let Ok(host) = hyper::header::HeaderValue::from_str(&authority)
+    {
+        req.headers_mut().insert(hyper::header::HOST, host);
+    }
+    if let Some(origin) = req
+        .uri()
+        .path_and_query()
+        .and_then(|p| p.as_str().parse::<hyper::Uri>().ok())
+    {
+        *req.uri_mut() = origin;
+    }
+}
+
+impl State {
+    async fn attach(&mut self, io: BoxIo, version: Version) -> Result<(), GatewayError> {
+        while self.tasks.try_join_next().is_some() {}
+        match version {
+            Version::Http1 => {
+                let (sender, connection) = hyper::client::conn::http1::Builder::new()
+                    .preserve_header_case(true)
+                    .handshake(TokioIo::new(io))
+                    .await
+                    .map_err(GatewayError::Handshake)?;
+                self.tasks.spawn(async move {
+                    if let Err(e) = connection.with_upgrades().await {
+                        tracing::debug!(error = %e, "gateway connection ended with an error");
+                    }
+                });
+                self.sender = Some(Sender::Http1(sender));
+            }
+            Version::Http2 => {
+                let (sender, connection) =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .handshake(TokioIo::new(io))
+                        .await
+                        .map_err(GatewayError::Handshake)?;
+                self.tasks.spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "gateway connection ended with an error");
+                    }
+                });
+                self.sender = Some(Sender::Http2(sender));
+            }
+        }
         Ok(())
     }
 
-    pub async fn send(
+    async fn send_http1(
         &mut self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
         for _ in 0..2 {
-            if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            if self.sender.as_ref().is_none_or(Sender::is_closed) {
                 let io = (self.connect)().await.map_err(GatewayError::Reconnect)?;
-                self.attach(io).await?;
+                self.attach(io, Version::Http1).await?;
             }
-            let Some(sender) = self.sender.as_mut() else {
+            let Some(Sender::Http1(sender)) = self.sender.as_mut() else {
                 return Err(GatewayError::Closed);
             };
             if sender.ready().await.is_err() {

@@ -11,6 +11,7 @@
 
 pub mod body;
 pub mod gateway;
+pub mod h2c;
 mod observe;
 pub mod plan;
 pub mod records;
@@ -36,6 +37,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 
 use self::body::{BodyError, Encoding, Prefixed};
+pub use self::gateway::Version;
 use self::gateway::{BoxIo, Connect, Gateway, GatewayError, Io};
 use self::plan::{Action, BodyView, Head, Plan, Refusal};
 use self::records::{Conn, Cred};
@@ -59,7 +61,13 @@ pub enum HttpError {
     #[error(transparent)]
     Gateway(#[from] GatewayError),
     #[error("serving the client failed: {0}")]
-    Serve(#[source] hyper::Error),
+    Serve(String),
+    #[error("the client's connection failed: {0}")]
+    Connection(String),
+    #[error(
+        "the HTTP/2 client was cut off for flooding the connection (resets, or frames past the [http2] limits): {0}"
+    )]
+    CutOff(String),
 }
 
 /// How much of a body is read to find its messages: more than is kept, so that a big
@@ -73,48 +81,105 @@ pub fn parse_limit(capture_limit: usize) -> usize {
 /// How long a client may take to send a request's head.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Serves HTTP/1.1 on `client`, forwarding every request to the gateway, first over
-/// `upstream`, then over connections `connect` opens when the gateway closes one.
+/// Serves `client` in `version` (HTTP/1.1, or HTTP/2 when the client opened with its
+/// preface or agreed on `h2` by ALPN), forwarding every request to the gateway in
+/// `upstream_version` (the same, except for an h2c client of a gateway that speaks only
+/// HTTP/1.1), first over `upstream`, then over connections `connect` opens when the gateway
+/// closes one. One server for both versions, so every request takes the same pipeline.
 pub async fn serve<C: Io>(
     client: C,
     upstream: BoxIo,
     connect: Connect,
     conn: Arc<Conn>,
+    version: Version,
+    upstream_version: Version,
 ) -> Result<(), HttpError> {
-    let gateway = Arc::new(tokio::sync::Mutex::new(
-        Gateway::new(upstream, connect).await?,
-    ));
-    let service = hyper::service::service_fn(move |req| {
+    let limits = conn.parts.policy.current().policy.http2;
+    let gateway = Arc::new(Gateway::new(upstream, connect, upstream_version).await?);
+    // HTTP/2 streams, counted in the order hyper takes them up (the order the client opened
+    // them), so concurrent exchanges on one connection keep their own numbers.
+    let streams = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
         let gateway = gateway.clone();
-        // A task of its own: a client that hangs up does not cancel the recording of what
-        // it already sent (hyper drops the service future when the connection goes).
-        let task = conn.parts.tracker.clone().spawn(handle(conn, gateway, req));
+        let stream = (req.version() == hyper::Version::HTTP_2)
+            .then(|| streams.fetch_add(1, Ordering::Relaxed).saturating_mul(2) + 1);
+        // A task of its own: a client that hangs up (or resets the stream) does not cancel
+        // the recording of what it already sent (hyper drops the service future).
+        // Dropped with the future hyper holds: if hyper drops it first, the client reset the
+        // stream (or went away) before its answer.
+        let (alive, gone) = tokio::sync::oneshot::channel::<()>();
+        let task = conn
+            .parts
+            .tracker
+            .clone()
+            .spawn(handle(conn, gateway, req, stream, gone));
         async move {
+            let _alive = alive;
             Ok::<_, std::convert::Infallible>(task.await.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "a request handler failed");
                 respond::handler_failed()
             }))
         }
     });
-    match hyper::server::conn::http1::Builder::new()
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
         .preserve_header_case(true)
         // A client that never finishes its request head holds a task and a gateway
         // connection: it gets this long (hyper's own default, which needs a timer).
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        // No half-close: a client's EOF ends the connection, and dropping a response stream
-        // is how closing it cancels (2026-07-28) and ends a listen subscription; what the
-        // client sent is recorded anyway (its handler is a task of its own).
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades()
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    // No half-close: a client's EOF ends the connection, and dropping a response stream is
+    // how closing it cancels (2026-07-28) and ends a listen subscription; what the client
+    // sent is recorded anyway (its handler is a task of its own).
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .max_frame_size(limits.max_frame_size)
+        .max_pending_accept_reset_streams(limits.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.max_local_error_reset_streams)
+        .keep_alive_interval(
+            (limits.keep_alive_interval_secs > 0)
+                .then(|| std::time::Duration::from_secs(limits.keep_alive_interval_secs)),
+        )
+        .keep_alive_timeout(std::time::Duration::from_secs(
+            limits.keep_alive_interval_secs.max(1),
+        ));
+    let builder = match version {
+        Version::Http1 => builder.http1_only(),
+        Version::Http2 => builder.http2_only(),
+    };
+    match builder
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await
     {
         Ok(()) => Ok(()),
-        // A client that hangs up between or in the middle of its own requests ends the
-        // connection; every exchange it completed is already recorded.
-        Err(e) if e.is_incomplete_message() || e.is_canceled() => Ok(()),
-        Err(e) => Err(HttpError::Serve(e)),
+        Err(e) => match e.downcast::<hyper::Error>() {
+            // A client that hangs up between or in the middle of its own requests ends the
+            // connection; every exchange it completed is already recorded.
+            Ok(e) if e.is_incomplete_message() || e.is_canceled() => Ok(()),
+            Ok(e) => Err(explain_serve(*e)),
+            Err(e) => Err(HttpError::Connection(e.to_string())),
+        },
+    }
+}
+
+/// A connection hyper gave up on, in words an operator can act on: an HTTP/2 client cut off
+/// for abuse is told apart (its connection is recorded as refused).
+fn explain_serve(e: hyper::Error) -> HttpError {
+    use std::error::Error as _;
+    let h2 = e
+        .source()
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason);
+    match h2 {
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => HttpError::CutOff(e.to_string()),
+        Some(reason) => HttpError::Serve(format!("{e} (HTTP/2 {reason:?})")),
+        None => HttpError::Serve(e.to_string()),
     }
 }
 
@@ -141,8 +206,10 @@ struct Recorded {
 
 async fn handle(
     conn: Arc<Conn>,
-    gateway: Arc<tokio::sync::Mutex<Gateway>>,
+    gateway: Arc<Gateway>,
     req: Request<Incoming>,
+    stream: Option<u32>,
+    gone: tokio::sync::oneshot::Receiver<()>,
 ) -> Response<ProxyBody> {
     let t0 = Instant::now();
     let n = conn.requests.fetch_add(1, Ordering::Relaxed);
@@ -158,6 +225,18 @@ async fn handle(
         protocol_version: header(&parts.headers, "mcp-protocol-version"),
         mcp_method: header(&parts.headers, "mcp-method"),
         mcp_name: header(&parts.headers, "mcp-name"),
+        version: Some(
+            match parts.version {
+                hyper::Version::HTTP_10 => "1.0",
+                hyper::Version::HTTP_2 => "2",
+                _ => "1.1",
+            }
+            .to_owned(),
+        ),
+        stream,
+        upstream_version: (gateway.version() == Version::Http1
+            && parts.version == hyper::Version::HTTP_2)
+            .then(|| "1.1".to_owned()),
         ..Default::default()
     };
     // Verified once per token (cached by fingerprint); the raw value stays in memory for this
@@ -330,12 +409,53 @@ async fn handle(
     }
     .boxed_unsync();
     let upstream_req = Request::from_parts(parts, body);
-    let sent = gateway.lock().await.send(upstream_req).await;
     let pending: HashMap<String, String> = recorded
         .pending
         .into_iter()
         .map(|p| (p.text, p.exchange))
         .collect();
+    // An HTTP/2 stream the client resets before its answer cancels the gateway's stream too
+    // (dropping the call resets it). Over HTTP/1.1 the request is already on its way and the
+    // connection is the client's alone: the answer is still awaited and recorded.
+    let sent = if stream.is_some() {
+        tokio::select! {
+            sent = gateway.send(upstream_req) => sent,
+            _ = gone => {
+                let why = "the client reset the stream before the gateway answered: the gateway's stream is cancelled";
+                let scope = session.as_deref().unwrap_or(&conn.id);
+                for (id, exchange) in &pending {
+                    conn.parts
+                        .correlator
+                        .close(scope, Direction::ClientToServer, id);
+                    let mut ev = conn.mcp_event(
+                        exchange.clone(),
+                        Direction::ServerToClient,
+                        &http,
+                        token.as_ref(),
+                    );
+                    ev.message = Some(Kind::Error);
+                    ev.client_closed = true;
+                    ev.error = Some(serde_json::json!({"mcptrail": why}));
+                    ev.elapsed_us = Some(t0.elapsed().as_micros() as u64);
+                    conn.record(Event::Mcp(Box::new(ev))).await;
+                }
+                if !is_mcp {
+                    conn.record(conn.http_event(
+                        &http,
+                        token.as_ref(),
+                        ByteCounts { req: req_bytes, resp: 0 },
+                        t0,
+                        Some(why.to_owned()),
+                    ))
+                    .await;
+                }
+                return respond::handler_failed();
+            }
+        }
+    } else {
+        drop(gone);
+        gateway.send(upstream_req).await
+    };
     let resp = match sent {
         Ok(resp) => resp,
         Err(e) => {
@@ -398,6 +518,7 @@ async fn handle(
         t0,
         first_byte_us,
         is_mcp,
+        trailers_late: false,
         req_bytes,
         server_messages: 0,
         resp_bytes: 0,

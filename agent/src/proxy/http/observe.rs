@@ -36,6 +36,8 @@ pub struct Observed {
     pub t0: Instant,
     pub first_byte_us: u64,
     pub is_mcp: bool,
+    /// Trailers came after the records of the messages: an HTTP record carries them.
+    pub trailers_late: bool,
     pub req_bytes: u64,
     /// Messages the server started (requests, notifications) seen so far.
     pub server_messages: u64,
@@ -61,6 +63,25 @@ pub(super) enum Out {
 }
 
 impl Observed {
+    /// The response's trailers into the exchange's HTTP details, values masked like the
+    /// rest of what is recorded.
+    fn trailers(&mut self, trailers: &hyper::HeaderMap) {
+        self.http.trailers = trailers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let active = self.conn.parts.policy.current();
+        let mut fired = std::collections::BTreeSet::new();
+        active
+            .masker
+            .mask_recorded_strings(self.http.trailers.values_mut(), &mut fired);
+    }
+
     /// Queues a record; the writer task appends them in order.
     fn emit(&self, event: Event) {
         if let Some(w) = &self.writer {
@@ -121,10 +142,20 @@ impl Observed {
         if sse {
             // Shared with the stream adapter, which must be 'static to sit under a decoder.
             let end_slot = Arc::new(std::sync::Mutex::new(None));
+            let trailers_slot = Arc::new(std::sync::Mutex::new(None));
             let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let (slot, gone_slot) = (end_slot.clone(), gone.clone());
-            let counted = UnboundedReceiverStream::new(rx).map_while(move |c| match c {
+            let (slot, gone_slot, trailers) =
+                (end_slot.clone(), gone.clone(), trailers_slot.clone());
+            let counted = UnboundedReceiverStream::new(rx).filter_map(move |c| match c {
+                Chunk::Trailers(t) => {
+                    *trailers.lock().expect("trailers slot") = Some(t);
+                    None
+                }
+                other => Some(other),
+            });
+            let counted = counted.map_while(move |c| match c {
                 Chunk::Data(b) => Some(Ok::<Bytes, std::io::Error>(b)),
+                Chunk::Trailers(_) => None,
                 Chunk::End(release) => {
                     *slot.lock().expect("end slot") = Some(release);
                     None
@@ -175,6 +206,12 @@ impl Observed {
             }
             self.client_closed |= gone.load(Ordering::Relaxed);
             end = end_slot.lock().expect("end slot").take();
+            // Trailers come after the last event, whose record is written: the exchange's
+            // HTTP record carries them (see `finish`).
+            if let Some(t) = trailers_slot.lock().expect("trailers slot").take() {
+                self.trailers(&t);
+                self.trailers_late = true;
+            }
         } else {
             let mut rx = rx;
             let mut captured = BytesMut::new();
@@ -182,6 +219,11 @@ impl Observed {
             while let Some(chunk) = rx.recv().await {
                 let chunk = match chunk {
                     Chunk::Data(b) => b,
+                    // Before the end, and before the body's records: they carry them.
+                    Chunk::Trailers(t) => {
+                        self.trailers(&t);
+                        continue;
+                    }
                     Chunk::End(release) => {
                         end = Some(release);
                         break;
@@ -222,7 +264,7 @@ impl Observed {
     /// The records due when the response is over: the HTTP record of a non-MCP exchange, or
     /// an outcome for every request left unanswered.
     fn finish(&mut self) {
-        if !self.is_mcp {
+        if !self.is_mcp || self.trailers_late {
             let e = self.conn.http_event(
                 &self.http,
                 self.token.as_ref(),
@@ -234,7 +276,9 @@ impl Observed {
                 None,
             );
             self.emit(e);
-            return;
+            if !self.is_mcp {
+                return;
+            }
         }
         let status = self.http.status.unwrap_or(0);
         // 202 Accepted: the answers come on another stream; the correlator links them.

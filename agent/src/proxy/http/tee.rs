@@ -83,6 +83,11 @@ impl Body for Tee {
         }
         match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(tx) = &self.tx
+                {
+                    let _ = tx.send(Chunk::Trailers(trailers.clone()));
+                }
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if let Some(tx) = &self.tx {
@@ -90,7 +95,9 @@ impl Body for Tee {
                     }
                     if let Some(remaining) = self.remaining.as_mut() {
                         *remaining = remaining.saturating_sub(len);
-                        if *remaining == 0 && !self.ended {
+                        // The last byte ends the body unless trailers follow (HTTP/2:
+                        // the stream is still open); then the end is theirs to hold.
+                        if *remaining == 0 && !self.ended && self.inner.is_end_stream() {
                             self.announce_end();
                             if self.release.is_some() {
                                 self.held = Some(frame);
@@ -133,6 +140,8 @@ impl Body for Tee {
 /// released when the body holds its last byte for the records (synced, in sync mode).
 pub enum Chunk {
     Data(Bytes),
+    /// The response's trailers (HTTP/2, or a chunked HTTP/1.1 body), before its end.
+    Trailers(hyper::HeaderMap),
     End(oneshot::Sender<()>),
     /// The client went away before the body ended (hyper dropped it).
     ClientGone,

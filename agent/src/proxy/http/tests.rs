@@ -63,6 +63,7 @@ type ConnTask = tokio::task::JoinHandle<crate::proxy::Served>;
 /// What the stub gateway was sent.
 #[derive(Clone, Debug)]
 struct Seen {
+    version: hyper::Version,
     headers: HeaderMap,
     /// As it came over the wire.
     body: Bytes,
@@ -108,6 +109,10 @@ struct Stub {
     close_each: bool,
     /// The gateway speaks TLS with this configuration.
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// Trailers after each response body.
+    trailers: Option<HeaderMap>,
+    /// The gateway speaks only HTTP/1.1 (else also h2 and h2c, as hyper's auto server does).
+    http1_only: bool,
 }
 
 impl Stub {
@@ -117,6 +122,8 @@ impl Stub {
             answer,
             close_each: false,
             tls: None,
+            trailers: None,
+            http1_only: false,
         })
     }
 
@@ -130,6 +137,7 @@ impl Stub {
         Arc::new(move || {
             let stub = stub.clone();
             let stub_tls = stub.tls.clone();
+            let http1_only = stub.http1_only;
             Box::pin(async move {
                 let (ours, theirs) = tokio::io::duplex(1 << 16);
                 tokio::spawn(async move {
@@ -143,16 +151,29 @@ impl Stub {
                                 .await
                                 .unwrap_or_default();
                             let seen = Seen {
+                                version: parts.version,
                                 headers: parts.headers,
                                 body,
                                 decoded,
                             };
+                            // A call to the `slow` tool takes its time: the calls beside it
+                            // on an HTTP/2 connection must not wait for it.
+                            if String::from_utf8_lossy(&seen.decoded).contains("\"slow\"") {
+                                tokio::time::sleep(Duration::from_millis(400)).await;
+                            }
                             let mut resp = (stub.answer)(&seen);
                             if stub.close_each {
                                 resp.headers_mut()
                                     .insert("connection", "close".parse().unwrap());
                             }
                             stub.seen.lock().unwrap().push(seen);
+                            let trailers = stub.trailers.clone();
+                            let resp = resp.map(|b| match trailers {
+                                None => b.boxed_unsync(),
+                                Some(t) => {
+                                    b.with_trailers(async move { Some(Ok(t)) }).boxed_unsync()
+                                }
+                            });
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
@@ -168,9 +189,14 @@ impl Stub {
                             }
                         }
                     };
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(io), service)
-                        .await;
+                    // HTTP/1.1 or HTTP/2, whichever the proxy opens with, as real gateways do.
+                    let mut server = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    if http1_only {
+                        server = server.http1_only();
+                    }
+                    let _ = server.serve_connection(TokioIo::new(io), service).await;
                 });
                 Ok(Box::new(ours) as BoxIo)
             })
@@ -190,6 +216,7 @@ struct Harness {
     connections: std::sync::atomic::AtomicU64,
     /// TLS termination, when the test turns it on.
     tls: Option<Arc<crate::proxy::tls::TlsContext>>,
+    h2c: Arc<crate::proxy::http::h2c::H2cProbe>,
     _writer: std::thread::JoinHandle<()>,
 }
 
@@ -220,6 +247,7 @@ impl Harness {
             tracker: tokio_util::task::TaskTracker::new(),
             connections: Default::default(),
             tls: None,
+            h2c: Arc::default(),
             _writer: writer,
         }
     }
@@ -260,6 +288,7 @@ impl Harness {
             connect: self.stub.connect(),
             connect_timeout: Duration::from_secs(5),
             tls: self.tls.clone(),
+            h2c: self.h2c.clone(),
         };
         let conn = self.conn(process);
         let task = tokio::spawn(serve_client(proxy_side, route, self.live.current(), conn));
@@ -752,21 +781,16 @@ async fn opaque_bytes_are_refused_under_rules_and_relayed_without() {
     let err = result.unwrap_err();
     assert_eq!(err.outcome().status, Status::Refused);
     assert!(err.to_string().contains("opaque = \"relay\""), "{err}");
-    // TLS and h2c are not read yet, so they are refused the same way.
-    for first in [
-        &b"\x16\x03\x01\x00\x05\x01"[..],
-        super::super::detect::H2_PREFACE,
-    ] {
-        let bytes = first.to_vec();
-        let (_, protocol, result) = h
-            .raw(Process::default(), |mut w| async move {
-                w.write_all(&bytes).await.unwrap();
-                w
-            })
-            .await;
-        assert!(matches!(protocol, Some(Protocol::Tls | Protocol::H2)));
-        assert_eq!(result.unwrap_err().outcome().status, Status::Refused);
-    }
+    // TLS with no host CA to terminate it is refused the same way (h2c is served: see the
+    // http2 tests).
+    let (_, protocol, result) = h
+        .raw(Process::default(), |mut w| async move {
+            w.write_all(b"\x16\x03\x01\x00\x05\x01").await.unwrap();
+            w
+        })
+        .await;
+    assert_eq!(protocol, Some(Protocol::Tls));
+    assert_eq!(result.unwrap_err().outcome().status, Status::Refused);
 }
 
 #[tokio::test]
@@ -887,10 +911,14 @@ async fn gateway_connections_do_not_pile_up_across_reconnects() {
         answer: echo(),
         close_each: true,
         tls: None,
+        trailers: None,
+        http1_only: false,
     });
     let connect = stub.connect();
     let first = connect().await.unwrap();
-    let mut gateway = Gateway::new(first, connect).await.unwrap();
+    let gateway = Gateway::new(first, connect, super::Version::Http1)
+        .await
+        .unwrap();
     for i in 0..20 {
         let body = call(i, "add", json!({})).to_string();
         let req = Request::post("/mcp")
@@ -903,11 +931,8 @@ async fn gateway_connections_do_not_pile_up_across_reconnects() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(stub.seen().len(), 20);
-    assert!(
-        gateway.live_tasks() <= 2,
-        "{} connection tasks",
-        gateway.live_tasks()
-    );
+    let live = gateway.live_tasks().await;
+    assert!(live <= 2, "{live} connection tasks");
 }
 
 /// TLS through the same pipeline: a gateway with its own CA, the proxy terminating with a
@@ -973,6 +998,8 @@ mod tls {
             answer: echo(),
             close_each: false,
             tls: Some(pki.gateway.clone()),
+            trailers: None,
+            http1_only: false,
         });
         let mut h = Harness::with_stub(&format!("{RULES}\n{policy_extra}"), stub).await;
         let extra = if trust_gateway {
@@ -1476,5 +1503,413 @@ mod tls {
         assert_eq!(tls.version.as_deref(), Some("TLSv1.3"));
         assert!(tls.cipher.unwrap().starts_with("TLS_"), "an IANA name");
         assert!(tls.upstream.is_none());
+    }
+}
+
+/// HTTP/2: h2c with prior knowledge and h2 by ALPN, through the same pipeline; streams
+/// multiplexed, each its own exchange; the limits that cut off abusive clients.
+mod http2 {
+    use super::*;
+    use hyper::client::conn::http2::SendRequest;
+
+    /// An HTTP/2 client (prior knowledge) on a fresh connection to the proxy.
+    async fn h2c(
+        h: &Harness,
+    ) -> (
+        SendRequest<Full<Bytes>>,
+        tokio::task::JoinHandle<crate::proxy::Served>,
+    ) {
+        let (client, task) = h.open(Process::default());
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(client),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        (sender, task)
+    }
+
+    fn h2_post(body: &Value) -> Request<Full<Bytes>> {
+        Request::post("http://10.0.0.5:8811/mcp")
+            .header(CONTENT_TYPE, "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    }
+
+    async fn answer(
+        mut sender: SendRequest<Full<Bytes>>,
+        body: Value,
+    ) -> (Value, std::time::Instant) {
+        let resp = sender.send_request(h2_post(&body)).await.unwrap();
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (json_body(&bytes), std::time::Instant::now())
+    }
+
+    #[tokio::test]
+    async fn concurrent_streams_are_separate_exchanges_and_none_waits_for_another() {
+        let h = Harness::new(RULES, echo()).await;
+        let (sender, task) = h2c(&h).await;
+        let start = std::time::Instant::now();
+        let slow = tokio::spawn(answer(sender.clone(), call(1, "slow", json!({}))));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let fast = tokio::spawn(answer(sender.clone(), call(2, "add", json!({}))));
+        let denied = tokio::spawn(answer(sender.clone(), call(3, "deploy-prod", json!({}))));
+        let (fast, fast_at) = fast.await.unwrap();
+        let (denied, _) = denied.await.unwrap();
+        let (slow, slow_at) = slow.await.unwrap();
+        assert_eq!(fast["id"], 2);
+        assert_eq!(slow["id"], 1);
+        assert_eq!(denied["error"]["code"], -32001, "{denied}");
+        // The stub holds the slow call 400 ms: the fast one, sent after it on the same
+        // connection, is answered first (no head-of-line blocking in the proxy).
+        assert!(fast_at < slow_at, "the fast call waited for the slow one");
+        assert!(fast_at - start < Duration::from_millis(350));
+        drop(sender);
+        let served = task.await.unwrap();
+        assert!(served.result.is_ok(), "{:?}", served.result.err());
+        assert_eq!(served.protocol, Some(Protocol::H2));
+        // Forwarded in HTTP/2, the denied call not at all.
+        let seen = h.stub.seen();
+        assert_eq!(seen.len(), 2);
+        assert!(seen.iter().all(|s| s.version == hyper::Version::HTTP_2));
+        // Each stream is its own exchange, request and answer linked, with its stream.
+        let mcp = h.mcp();
+        let mut streams = std::collections::BTreeSet::new();
+        for id in 1..=3 {
+            let of_id: Vec<&McpEvent> = mcp
+                .iter()
+                .filter(|e| e.jsonrpc_id == Some(json!(id)))
+                .collect();
+            assert_eq!(of_id.len(), 2, "request and answer of {id}");
+            assert_eq!(of_id[0].exchange, of_id[1].exchange);
+            assert!(of_id.iter().all(|e| e.http.version.as_deref() == Some("2")));
+            let stream = of_id[0].http.stream.expect("a stream number");
+            assert_eq!(of_id[1].http.stream, Some(stream));
+            streams.insert(stream);
+        }
+        assert_eq!(streams, [1, 3, 5].into_iter().collect());
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_client_resets_cancels_the_gateways_and_is_recorded() {
+        let h = Harness::new("", echo()).await;
+        let (mut sender, task) = h2c(&h).await;
+        // The stub takes 400 ms over `slow`; the client gives up (resets) after 100 ms.
+        let call_it = sender.send_request(h2_post(&call(1, "slow", json!({}))));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), call_it)
+                .await
+                .is_err()
+        );
+        // The connection goes on: another stream is answered.
+        let (value, _) = answer(sender.clone(), call(2, "add", json!({}))).await;
+        assert_eq!(value["id"], 2);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // The gateway's stream was reset too: the stub never finished the slow call.
+        let seen = h.stub.seen();
+        assert_eq!(
+            seen.len(),
+            1,
+            "only the second call reached the gateway's end"
+        );
+        let mcp = h.mcp();
+        let request = mcp
+            .iter()
+            .find(|e| e.jsonrpc_id == Some(json!(1)))
+            .expect("the reset call is recorded");
+        let closed = mcp
+            .iter()
+            .find(|e| e.exchange == request.exchange && e.direction == Direction::ServerToClient)
+            .expect("the reset call has an outcome");
+        assert!(closed.client_closed, "{closed:?}");
+        drop(sender);
+        task.await.unwrap().result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_h2c_client_of_an_http1_gateway_is_served_in_http2_and_forwarded_in_http1() {
+        let stub = Arc::new(Stub {
+            seen: Arc::default(),
+            answer: echo(),
+            close_each: false,
+            tls: None,
+            trailers: None,
+            http1_only: true,
+        });
+        let h = Harness::with_stub(RULES, stub).await;
+        let (sender, task) = h2c(&h).await;
+        let (a, b) = tokio::join!(
+            answer(sender.clone(), call(1, "add", json!({}))),
+            answer(sender.clone(), call(2, "deploy-prod", json!({}))),
+        );
+        assert_eq!(a.0["id"], 1);
+        assert_eq!(b.0["error"]["code"], -32001);
+        drop(sender);
+        task.await.unwrap().result.unwrap();
+        let seen = h.stub.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].version, hyper::Version::HTTP_11);
+        assert_eq!(seen[0].headers["host"], "10.0.0.5:8811");
+        let mcp = h.mcp();
+        assert!(mcp.iter().all(|e| e.http.version.as_deref() == Some("2")));
+        let forwarded = mcp.iter().find(|e| e.jsonrpc_id == Some(json!(1))).unwrap();
+        assert_eq!(forwarded.http.upstream_version.as_deref(), Some("1.1"));
+    }
+
+    #[tokio::test]
+    async fn http1_records_say_their_version_and_no_stream() {
+        let h = Harness::new("", echo()).await;
+        let text = call(1, "add", json!({})).to_string();
+        let (status, _, _) = h
+            .send(
+                post(text.clone())
+                    .body(Full::new(Bytes::from(text)))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let mcp = h.mcp();
+        assert!(
+            mcp.iter()
+                .all(|e| e.http.version.as_deref() == Some("1.1") && e.http.stream.is_none())
+        );
+        assert_eq!(h.stub.seen()[0].version, hyper::Version::HTTP_11);
+    }
+
+    #[tokio::test]
+    async fn response_trailers_are_recorded_masked() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "abc123".parse().unwrap());
+        trailers.insert("x-contact", "ops-lead@example.com".parse().unwrap());
+        let stub = Arc::new(Stub {
+            seen: Arc::default(),
+            answer: echo(),
+            close_each: false,
+            tls: None,
+            trailers: Some(trailers),
+            http1_only: false,
+        });
+        let h = Harness::with_stub("", stub).await;
+        let (sender, task) = h2c(&h).await;
+        let (value, _) = answer(sender, call(7, "add", json!({}))).await;
+        assert_eq!(value["id"], 7);
+        task.await.unwrap().result.unwrap();
+        let answer = h
+            .mcp()
+            .into_iter()
+            .find(|e| e.direction == Direction::ServerToClient)
+            .unwrap();
+        assert_eq!(answer.http.trailers["x-checksum"], "abc123");
+        let contact = &answer.http.trailers["x-contact"];
+        assert!(!contact.contains("ops-lead@example.com"), "{contact}");
+    }
+
+    /// Raw HTTP/2 frames: the preface and an empty SETTINGS, then `frames`.
+    fn frames(rest: &[(u8, u8, u32, Vec<u8>)]) -> Vec<u8> {
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let mut frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+            out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+            out.push(kind);
+            out.push(flags);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(payload);
+        };
+        frame(4, 0, 0, &[]);
+        for (kind, flags, stream, payload) in rest {
+            frame(*kind, *flags, *stream, payload);
+        }
+        out
+    }
+
+    /// A request head, HPACK-encoded from the static table: GET http://gw/ .
+    const HEAD: [u8; 7] = [0x82, 0x86, 0x84, 0x01, 0x02, b'g', b'w'];
+
+    #[tokio::test]
+    async fn a_rapid_reset_flood_is_cut_off_and_other_connections_go_on() {
+        let h = Harness::new("", echo()).await;
+        // Open a stream and reset it at once, 500 times (CVE-2023-44487).
+        let mut flood = Vec::new();
+        for i in 0..500u32 {
+            let stream = 2 * i + 1;
+            flood.push((1u8, 0x5u8, stream, HEAD.to_vec()));
+            flood.push((3, 0, stream, 8u32.to_be_bytes().to_vec()));
+        }
+        let bytes = frames(&flood);
+        let (out, protocol, result) = h
+            .raw(Process::default(), |mut w| async move {
+                let _ = w.write_all(&bytes).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                w
+            })
+            .await;
+        assert_eq!(protocol, Some(Protocol::H2));
+        let err = result.expect_err("cut off");
+        assert!(
+            matches!(err, ProxyError::Http(super::super::HttpError::CutOff(_))),
+            "{err}"
+        );
+        assert_eq!(err.outcome().status, crate::audit::record::Status::Refused);
+        // It was told why: a GOAWAY (type 7) with ENHANCE_YOUR_CALM (0xb).
+        assert!(
+            out.windows(2).any(|w| w == [7, 0]) && out.windows(4).any(|w| w == [0, 0, 0, 0xb]),
+            "no GOAWAY in {} bytes",
+            out.len()
+        );
+        // Another client on the same proxy is served as before.
+        let (sender, task) = h2c(&h).await;
+        let (value, _) = answer(sender, call(1, "add", json!({}))).await;
+        assert_eq!(value["id"], 1);
+        task.await.unwrap().result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_continuation_flood_is_cut_off() {
+        let h = Harness::new("", echo()).await;
+        // A request head that never ends: HEADERS without END_HEADERS, then CONTINUATION
+        // frames of padding-like literal headers, far past max_header_list_size.
+        let mut flood = vec![(1u8, 0x1u8, 1u32, HEAD.to_vec())];
+        let mut literal = vec![0x00, 0x7f, 0x00];
+        let name = vec![b'x'; 127];
+        literal.splice(2..2, name);
+        literal.extend([0x7f, 0x81, 0x7f]);
+        literal.extend(vec![b'v'; 127 + 255]);
+        for _ in 0..2000 {
+            flood.push((9, 0, 1, literal.clone()));
+        }
+        let bytes = frames(&flood);
+        let (_, protocol, result) = h
+            .raw(Process::default(), |mut w| async move {
+                let _ = w.write_all(&bytes).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                w
+            })
+            .await;
+        assert_eq!(protocol, Some(Protocol::H2));
+        let err = result.expect_err("cut off");
+        assert!(matches!(err, ProxyError::Http(_)), "{err}");
+        assert!(h.stub.seen().is_empty());
+    }
+
+    #[tokio::test]
+    async fn h2_by_alpn_when_the_gateway_agrees() {
+        use crate::policy::tls::Mode;
+        use crate::proxy::tls::TlsContext;
+        use rustls::pki_types::ServerName;
+        // A gateway with a certificate from its own CA, offering h2 and http/1.1.
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["gw.test".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let mut gateway = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+        gateway.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let stub = Arc::new(Stub {
+            seen: Arc::default(),
+            answer: echo(),
+            close_each: false,
+            tls: Some(Arc::new(gateway)),
+            trailers: None,
+            http1_only: false,
+        });
+        let mut h = Harness::with_stub(RULES, stub).await;
+        h.tls = Some(Arc::new(
+            TlsContext::new(h.dir.path(), Mode::Terminate, &[ca_file], &[]).unwrap(),
+        ));
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(h.tls.as_ref().unwrap().ca.der().clone()).unwrap();
+        for (offer, want) in [
+            (vec![b"h2".to_vec(), b"http/1.1".to_vec()], "h2"),
+            (vec![b"http/1.1".to_vec()], "http/1.1"),
+        ] {
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+            config.alpn_protocols = offer;
+            let (client, task) = h.open(Process::default());
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from("gw.test").unwrap(), client)
+                .await
+                .unwrap();
+            let agreed = tls
+                .get_ref()
+                .1
+                .alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            assert_eq!(agreed.as_deref(), Some(want));
+            let body = call(1, "add", json!({}));
+            let value = if want == "h2" {
+                let (sender, connection) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    TokioIo::new(tls),
+                )
+                .await
+                .unwrap();
+                tokio::spawn(connection);
+                let mut req = h2_post(&body);
+                *req.uri_mut() = "https://gw.test/mcp".parse().unwrap();
+                let (v, _) = answer_req(sender, req).await;
+                v
+            } else {
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                        .await
+                        .unwrap();
+                tokio::spawn(connection);
+                let text = body.to_string();
+                let resp = sender
+                    .send_request(
+                        post(text.clone())
+                            .header("connection", "close")
+                            .body(Full::new(Bytes::from(text)))
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                json_body(&resp.into_body().collect().await.unwrap().to_bytes())
+            };
+            assert_eq!(value["id"], 1);
+            let served = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(served.tls.unwrap().alpn.as_deref(), Some(want));
+        }
+        let seen = h.stub.seen();
+        assert_eq!(seen[0].version, hyper::Version::HTTP_2);
+        assert_eq!(seen[1].version, hyper::Version::HTTP_11);
+    }
+
+    async fn answer_req(
+        mut sender: SendRequest<Full<Bytes>>,
+        req: Request<Full<Bytes>>,
+    ) -> (Value, StatusCode) {
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (json_body(&bytes), status)
     }
 }

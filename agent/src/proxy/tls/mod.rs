@@ -591,11 +591,13 @@ pub async fn terminate<C: Io>(
         alpn_offered: hello.alpn.clone(),
         ..Default::default()
     };
-    // Only HTTP/1.1 is spoken on either side so far: mirror that much of the offer.
+    // The client's offer, as far as the proxy speaks it (HTTP/2 and HTTP/1.1), goes to the
+    // gateway; the client is then offered only what the gateway chose, so both sides speak
+    // the same version and nothing is translated.
     let alpn: Vec<Vec<u8>> = hello
         .alpn
         .iter()
-        .filter(|p| p.as_str() == "http/1.1")
+        .filter(|p| matches!(p.as_str(), "h2" | "http/1.1"))
         .map(|p| p.as_bytes().to_vec())
         .collect();
     let fail = |error: TlsError, info: &Tls| {
