@@ -44,6 +44,16 @@ pub struct GatewayConfig {
     /// A connection that has not shown its protocol by then is refused (never relayed).
     #[serde(default = "default_first_bytes")]
     pub first_bytes_timeout_secs: u64,
+    /// A client that reads nothing of what the proxy sends it for this long is cut off.
+    #[serde(default = "default_stalled_client")]
+    pub stalled_client_secs: u64,
+}
+
+/// How long a client may leave the proxy's writes to it waiting.
+pub const DEFAULT_STALLED_CLIENT_SECS: u64 = 60;
+
+fn default_stalled_client() -> u64 {
+    DEFAULT_STALLED_CLIENT_SECS
 }
 
 fn default_first_bytes() -> u64 {
@@ -56,6 +66,7 @@ impl Default for GatewayConfig {
             opaque: None,
             unparsed: None,
             first_bytes_timeout_secs: DEFAULT_FIRST_BYTES_TIMEOUT_SECS,
+            stalled_client_secs: DEFAULT_STALLED_CLIENT_SECS,
         }
     }
 }
@@ -66,6 +77,7 @@ pub struct Gateway {
     pub opaque: Opaque,
     pub unparsed: Unparsed,
     pub first_bytes_timeout: Duration,
+    pub stalled_client: Duration,
 }
 
 impl Gateway {
@@ -83,6 +95,7 @@ impl Gateway {
                 Unparsed::Forward
             }),
             first_bytes_timeout: Duration::from_secs(cfg.first_bytes_timeout_secs.max(1)),
+            stalled_client: Duration::from_secs(cfg.stalled_client_secs.max(1)),
         }
     }
 }

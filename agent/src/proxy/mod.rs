@@ -10,6 +10,7 @@ pub mod detect;
 pub mod http;
 pub mod relay;
 mod sse_props;
+pub mod stall;
 pub mod tls;
 pub mod upstream;
 
@@ -550,12 +551,13 @@ async fn connect_upstream(route: &Route) -> Result<BoxIo, ProxyError> {
 /// into the same pipeline, or passed through), relayed (opaque bytes, when the policy
 /// allows), or refused. Transport-generic, so the whole path runs in-process in tests.
 pub async fn serve_client<C: Io>(
-    mut client: C,
+    client: C,
     route: Route,
     active: Arc<Active>,
     mut conn: http::records::Conn,
 ) -> Served {
     let gateway = active.gateway;
+    let mut client = stall::StallGuard::new(client, gateway.stalled_client);
     let (protocol, first) = match detect::read_first(&mut client, gateway.first_bytes_timeout).await
     {
         Ok(found) => found,

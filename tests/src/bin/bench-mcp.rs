@@ -67,9 +67,12 @@ fn backend() -> SocketAddr {
                     let service = hyper::service::service_fn(move |req| {
                         tower_service::Service::call(&mut service.clone(), req)
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    // HTTP/1.1 or HTTP/2 with prior knowledge, whichever the client opens with.
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
                 });
             }
         });
@@ -331,6 +334,137 @@ async fn one_call(sender: &mut Sender, id: u64, size: usize, sse: bool) -> Durat
     } else {
         t.elapsed()
     }
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// An HTTP/2 connection with prior knowledge (h2c).
+async fn connect_h2(addr: SocketAddr) -> H2Sender {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// One `payload` call on its own stream.
+async fn one_call_h2(mut sender: H2Sender, id: u64, size: usize) -> Duration {
+    let t = Instant::now();
+    let req = Request::post("http://127.0.0.1/mcp")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "payload")
+        .body(Full::new(call_body(id, size, false)))
+        .unwrap();
+    sender.ready().await.expect("the connection to stay open");
+    let resp = sender.send_request(req).await.unwrap();
+    assert!(
+        resp.status().is_success(),
+        "the MCP server answered {}",
+        resp.status()
+    );
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    resp.into_body().collect().await.unwrap();
+    t.elapsed()
+}
+
+/// Open loop over one HTTP/2 connection: call i is due at start + i/rate, each on a stream
+/// of its own; latencies in microseconds, sorted.
+fn h2_fixed_rate(addr: SocketAddr, rate: u64, secs: u64, size: usize) -> Vec<u64> {
+    let rt = runtime(1);
+    rt.block_on(async move {
+        let sender = connect_h2(addr).await;
+        for i in 0..64 {
+            one_call_h2(sender.clone(), i, size).await;
+        }
+        let total = rate * secs;
+        let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel();
+        let start = Instant::now() + Duration::from_millis(20);
+        let dispatcher = std::thread::spawn(move || {
+            for i in 0..total {
+                let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                due_tx.send((i, due)).unwrap();
+            }
+        });
+        let mut tasks = Vec::with_capacity(total as usize);
+        while let Some((i, due)) = due_rx.recv().await {
+            let sender = sender.clone();
+            tasks.push(tokio::spawn(async move {
+                one_call_h2(sender, i, size).await;
+                due.elapsed().as_micros() as u64
+            }));
+        }
+        dispatcher.join().unwrap();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out.sort_unstable();
+        out
+    })
+}
+
+/// Closed loop over HTTP/2: `conns` connections with `streams` callers each, back to back.
+fn h2_saturation(addr: SocketAddr, conns: usize, streams: usize, secs: u64) -> (f64, u64) {
+    let rt = runtime(1);
+    rt.block_on(async move {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for c in 0..conns {
+            let sender = connect_h2(addr).await;
+            for k in 0..streams {
+                let sender = sender.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < end {
+                        one_call_h2(sender.clone(), ((c * streams + k) as u64) << 32 | n, 1024)
+                            .await;
+                        n += 1;
+                    }
+                    n
+                }));
+            }
+        }
+        let t = Instant::now();
+        let mut total = 0;
+        for task in tasks {
+            total += task.await.unwrap();
+        }
+        (total as f64 / t.elapsed().as_secs_f64(), total)
+    })
+}
+
+/// `n` calls sent at once on one HTTP/2 connection: the time until the last answer, in
+/// microseconds, median of `rounds`.
+fn h2_burst(addr: SocketAddr, n: usize, rounds: usize) -> u64 {
+    let rt = runtime(1);
+    rt.block_on(async move {
+        let sender = connect_h2(addr).await;
+        one_call_h2(sender.clone(), 0, 1024).await;
+        let mut times = Vec::new();
+        for r in 0..rounds {
+            let t = Instant::now();
+            let calls: Vec<_> = (0..n)
+                .map(|i| tokio::spawn(one_call_h2(sender.clone(), (r * n + i) as u64, 1024)))
+                .collect();
+            for c in calls {
+                c.await.unwrap();
+            }
+            times.push(t.elapsed().as_micros() as u64);
+        }
+        times.sort_unstable();
+        times[times.len() / 2]
+    })
 }
 
 /// Open loop: call i is due at start + i/rate; its latency counts from then, so time spent
@@ -845,6 +979,70 @@ fn main() {
         fresh[1].1 as i64 - fresh[0].1 as i64
     );
 
+    // HTTP/2 with prior knowledge (h2c) to the same backend: the agent serves it in HTTP/2 and
+    // multiplexes the streams on one gateway connection of its own.
+    println!();
+    println!(
+        "HTTP/2 (h2c), 1 KiB: one connection at 1,000 calls/s, each on its own stream (microseconds; agent CPU per call; median of {rounds}):"
+    );
+    let h2_setups = [
+        ("direct h2c", &direct_cg, None),
+        (
+            "agent, buffered, masking",
+            &buffered_cg,
+            Some(buffered.pid()),
+        ),
+    ];
+    let mut h2: Vec<Vec<[f64; 3]>> = vec![Vec::new(); 2];
+    let mut h2_sat: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut h2_burst_us: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    for _ in 0..rounds {
+        for (k, (_, cg, agent)) in h2_setups.iter().enumerate() {
+            let (lat, cpu) = in_setup(cg, *agent, || {
+                let lat = h2_fixed_rate(addr, 1000, secs, 1024);
+                let calls = lat.len() as u64;
+                (lat, calls)
+            });
+            h2[k].push([pct(&lat, 0.5) as f64, pct(&lat, 0.99) as f64, cpu]);
+            let (rate, _) = in_setup(cg, *agent, || h2_saturation(addr, 4, 8, secs));
+            h2_sat[k].push(rate);
+            enter(&cg.path);
+            h2_burst_us[k].push(h2_burst(addr, 100, if quick { 5 } else { 20 }) as f64);
+        }
+    }
+    let hmed = |k: usize, i: usize| median(h2[k].iter().map(|r| r[i]).collect());
+    for (k, (name, _, agent)) in h2_setups.iter().enumerate() {
+        println!(
+            "{name:<30} p50 {:>6.0} p99 {:>6.0}  +p50 {:>6.0} +p99 {:>6.0}{}",
+            hmed(k, 0),
+            hmed(k, 1),
+            hmed(k, 0) - hmed(0, 0),
+            hmed(k, 1) - hmed(0, 1),
+            if agent.is_some() {
+                format!("  agent CPU {:.0} us/call", hmed(k, 2))
+            } else {
+                String::new()
+            }
+        );
+    }
+    let h2_direct_rate = median(h2_sat[0].clone());
+    println!(
+        "HTTP/2 saturation (4 connections x 8 streams back to back, {secs} s, 1 KiB; median of {rounds}):"
+    );
+    for (k, (name, _, _)) in h2_setups.iter().enumerate() {
+        let r = median(h2_sat[k].clone());
+        println!(
+            "{name:<30} {r:>8.0} calls/s {:>6.2}x direct",
+            r / h2_direct_rate.max(1.0)
+        );
+    }
+    println!(
+        "100 calls at once on one HTTP/2 connection (time to the last answer, microseconds; median):"
+    );
+    for (k, (name, _, _)) in h2_setups.iter().enumerate() {
+        println!("{name:<30} {:>8.0}", median(h2_burst_us[k].clone()));
+    }
+
     // 1,000 connections held open through a fresh agent (buffered, masking), so that what
     // the allocator kept from the runs above does not count.
     let mem_cg = TestCgroup::new("mcp-memory");
@@ -966,7 +1164,7 @@ fn main() {
         ),
     ];
     println!();
-    println!("Targets (issue 8) against this run (masking MB/s: bench-mask):");
+    println!("Targets against this run (masking MB/s: bench-mask):");
     for (what, target, got, met) in rows {
         println!(
             "{what:<50} {target:>28} {got:>10}  {}",

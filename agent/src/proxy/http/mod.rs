@@ -65,7 +65,7 @@ pub enum HttpError {
     #[error("the client's connection failed: {0}")]
     Connection(String),
     #[error(
-        "the HTTP/2 client was cut off for flooding the connection (resets, or frames past the [http2] limits): {0}"
+        "the client was cut off (a flood of HTTP/2 resets or frames past the [http2] limits, or it stopped reading): {0}"
     )]
     CutOff(String),
 }
@@ -172,6 +172,11 @@ pub async fn serve<C: Io>(
 /// for abuse is told apart (its connection is recorded as refused).
 fn explain_serve(e: hyper::Error) -> HttpError {
     use std::error::Error as _;
+    if crate::proxy::stall::is_stalled(&e) {
+        return HttpError::CutOff(format!(
+            "{e}: it read nothing the proxy sent it within `[gateway] stalled_client_secs`"
+        ));
+    }
     let h2 = e
         .source()
         .and_then(|s| s.downcast_ref::<h2::Error>())

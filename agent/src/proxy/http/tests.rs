@@ -1766,6 +1766,42 @@ mod http2 {
     }
 
     #[tokio::test]
+    async fn a_settings_flood_from_a_client_that_never_reads_is_cut_off() {
+        // SETTINGS frames, each owed an ACK, from a client that reads nothing: the proxy
+        // stops reading once it cannot write the ACKs (memory stays bounded), and once its
+        // writes have waited `stalled_client_secs`, ends the connection.
+        let h = Harness::new("[gateway]\nstalled_client_secs = 2\n", echo()).await;
+        let flood: Vec<_> = (0..100_000)
+            .map(|_| (4u8, 0u8, 0u32, vec![0, 3, 0, 0, 0, 100]))
+            .collect();
+        let bytes = frames(&flood);
+        let (client, task) = h.open(Process::default());
+        let (_unread, mut w) = tokio::io::split(client);
+        let writer = tokio::spawn(async move {
+            let _ = w.write_all(&bytes).await;
+            w
+        });
+        let served = tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("the flooding connection is cut off")
+            .unwrap();
+        assert_eq!(served.protocol, Some(Protocol::H2));
+        let err = served.result.expect_err("cut off");
+        assert!(
+            matches!(err, ProxyError::Http(super::super::HttpError::CutOff(_))),
+            "{err}"
+        );
+        assert!(err.to_string().contains("stalled_client_secs"), "{err}");
+        assert_eq!(err.outcome().status, crate::audit::record::Status::Refused);
+        writer.abort();
+        // Others are served meanwhile and after.
+        let (sender, task) = h2c(&h).await;
+        let (value, _) = answer(sender, call(1, "add", json!({}))).await;
+        assert_eq!(value["id"], 1);
+        task.await.unwrap().result.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_continuation_flood_is_cut_off() {
         let h = Harness::new("", echo()).await;
         // A request head that never ends: HEADERS without END_HEADERS, then CONTINUATION
