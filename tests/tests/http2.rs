@@ -11,6 +11,29 @@ use mcptrail_tests::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The Python SDK's client over HTTP/2 (`mcp_client.py --http2`), trusting the host CA: its
+/// pid and what it printed.
+fn sdk_client_h2(
+    cgroup: &TestCgroup,
+    host_ca: &std::path::Path,
+    url: &str,
+) -> (u32, serde_json::Value) {
+    let (pid, out) = output_with_pid(
+        cgroup
+            .command(mcp_python().to_str().unwrap())
+            .env("SSL_CERT_FILE", host_ca)
+            .arg(fixture("mcp_client.py"))
+            .arg(url)
+            .arg("--http2"),
+    );
+    assert!(
+        out.status.success(),
+        "the SDK client over HTTP/2 to {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, serde_json::from_slice(&out.stdout).unwrap())
+}
+
 #[test]
 fn sdk_clients_over_h2_and_h2c_are_held_to_the_rules_and_recorded_per_stream() {
     require_root();
@@ -68,20 +91,7 @@ fn sdk_clients_over_h2_and_h2c_are_held_to_the_rules_and_recorded_per_stream() {
         (format!("https://localhost:{tls_port}/mcp"), Some("h2")),
         (format!("http://127.0.0.1:{plain_port}/mcp"), None),
     ] {
-        let (pid, out) = output_with_pid(
-            cgroup
-                .command(mcp_python().to_str().unwrap())
-                .env("SSL_CERT_FILE", &host_ca)
-                .arg(fixture("mcp_client.py"))
-                .arg(&url)
-                .arg("--http2"),
-        );
-        assert!(
-            out.status.success(),
-            "the SDK client over HTTP/2 to {url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (pid, said) = sdk_client_h2(&cgroup, &host_ca, &url);
         assert_eq!(
             said["http_versions"],
             serde_json::json!(["HTTP/2"]),
@@ -174,20 +184,7 @@ fn sdk_clients_over_h2_and_h2c_are_held_to_the_rules_and_recorded_per_stream() {
             Some("1.1"),
         ),
     ] {
-        let (pid, out) = output_with_pid(
-            cgroup
-                .command(mcp_python().to_str().unwrap())
-                .env("SSL_CERT_FILE", &host_ca)
-                .arg(fixture("mcp_client.py"))
-                .arg(&url)
-                .arg("--http2"),
-        );
-        assert!(
-            out.status.success(),
-            "the SDK client over HTTP/2 to an HTTP/1.1 gateway at {url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (pid, said) = sdk_client_h2(&cgroup, &host_ca, &url);
         assert_eq!(
             said["http_versions"],
             serde_json::json!([client_version]),

@@ -168,6 +168,54 @@ pub async fn serve<C: Io>(
     }
 }
 
+/// A request the gateway never answered (it failed, or the client reset the stream first).
+struct Unanswered<'a> {
+    http: &'a HttpInfo,
+    token: Option<&'a crate::audit::record::Token>,
+    t0: Instant,
+    req_bytes: u64,
+    is_mcp: bool,
+}
+
+impl Unanswered<'_> {
+    /// Its outcome: an `mcp` error record per exchange waiting (by request text), or the
+    /// `http` record of a request that was not MCP.
+    async fn record(
+        &self,
+        conn: &Conn,
+        pending: &HashMap<String, String>,
+        why: &str,
+        client_closed: bool,
+    ) {
+        for exchange in pending.values() {
+            let mut ev = conn.mcp_event(
+                exchange.clone(),
+                Direction::ServerToClient,
+                self.http,
+                self.token,
+            );
+            ev.message = Some(Kind::Error);
+            ev.client_closed = client_closed;
+            ev.error = Some(serde_json::json!({"mcptrail": why}));
+            ev.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
+            conn.record(Event::Mcp(Box::new(ev))).await;
+        }
+        if !self.is_mcp {
+            conn.record(conn.http_event(
+                self.http,
+                self.token,
+                ByteCounts {
+                    req: self.req_bytes,
+                    resp: 0,
+                },
+                self.t0,
+                Some(why.to_owned()),
+            ))
+            .await;
+        }
+    }
+}
+
 /// A connection hyper gave up on, in words an operator can act on: an HTTP/2 client cut off
 /// for abuse is told apart (its connection is recorded as refused).
 fn explain_serve(e: hyper::Error) -> HttpError {
@@ -428,32 +476,13 @@ async fn handle(
             _ = gone => {
                 let why = "the client reset the stream before the gateway answered: the gateway's stream is cancelled";
                 let scope = session.as_deref().unwrap_or(&conn.id);
-                for (id, exchange) in &pending {
+                for id in pending.keys() {
                     conn.parts
                         .correlator
                         .close(scope, Direction::ClientToServer, id);
-                    let mut ev = conn.mcp_event(
-                        exchange.clone(),
-                        Direction::ServerToClient,
-                        &http,
-                        token.as_ref(),
-                    );
-                    ev.message = Some(Kind::Error);
-                    ev.client_closed = true;
-                    ev.error = Some(serde_json::json!({"mcptrail": why}));
-                    ev.elapsed_us = Some(t0.elapsed().as_micros() as u64);
-                    conn.record(Event::Mcp(Box::new(ev))).await;
                 }
-                if !is_mcp {
-                    conn.record(conn.http_event(
-                        &http,
-                        token.as_ref(),
-                        ByteCounts { req: req_bytes, resp: 0 },
-                        t0,
-                        Some(why.to_owned()),
-                    ))
-                    .await;
-                }
+                let unanswered = Unanswered { http: &http, token: token.as_ref(), t0, req_bytes, is_mcp };
+                unanswered.record(&conn, &pending, why, true).await;
                 return respond::handler_failed();
             }
         }
@@ -466,31 +495,14 @@ async fn handle(
         Err(e) => {
             let why = format!("the MCP gateway failed: {e}");
             tracing::warn!(conn = %conn.id, error = %e, "upstream request failed");
-            for exchange in pending.values() {
-                let mut ev = conn.mcp_event(
-                    exchange.clone(),
-                    Direction::ServerToClient,
-                    &http,
-                    token.as_ref(),
-                );
-                ev.message = Some(Kind::Error);
-                ev.error = Some(serde_json::json!({"mcptrail": why}));
-                ev.elapsed_us = Some(t0.elapsed().as_micros() as u64);
-                conn.record(Event::Mcp(Box::new(ev))).await;
-            }
-            if !is_mcp {
-                conn.record(conn.http_event(
-                    &http,
-                    token.as_ref(),
-                    ByteCounts {
-                        req: req_bytes,
-                        resp: 0,
-                    },
-                    t0,
-                    Some(why.clone()),
-                ))
-                .await;
-            }
+            let unanswered = Unanswered {
+                http: &http,
+                token: token.as_ref(),
+                t0,
+                req_bytes,
+                is_mcp,
+            };
+            unanswered.record(&conn, &pending, &why, false).await;
             return respond::gateway_failed(&ids, batch, &why);
         }
     };
