@@ -561,8 +561,10 @@ pub struct HttpInfo {
     /// The HTTP version the client spoke: `1.1`, `1.0` or `2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
-    /// HTTP/2: the stream this exchange was on (1, 3, 5... as the client opened them; hyper
-    /// does not show the frames' own numbers, and clients number their streams in order).
+    /// HTTP/2: the stream's ordinal on its connection, as 1, 3, 5... in the order the proxy
+    /// took the streams up (hyper does not show the frames' own ids; for a client that numbers
+    /// its streams in order and has none refused or reset before they are taken up, the two
+    /// agree).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<u32>,
     /// The version the gateway was spoken to in, when not the client's (`1.1`: an HTTP/2

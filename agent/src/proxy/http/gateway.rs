@@ -53,6 +53,9 @@ pub struct Gateway {
 struct State {
     connect: Connect,
     sender: Option<Sender>,
+    /// HTTP/1.1 connections for an HTTP/2 client's streams (one per stream in flight, reused
+    /// once its answer is over), so a long answer (an SSE stream) holds up no other stream.
+    pool: Vec<hyper::client::conn::http1::SendRequest<ProxyBody>>,
     /// The connection tasks still running (one per live gateway connection, at most a few:
     /// finished ones are reaped at each reconnect). Dropping the set aborts them.
     tasks: tokio::task::JoinSet<()>,
@@ -81,6 +84,7 @@ impl Gateway {
         let mut state = State {
             connect,
             sender: None,
+            pool: Vec::new(),
             tasks: tokio::task::JoinSet::new(),
         };
         state.attach(first, version).await?;
@@ -106,14 +110,52 @@ impl Gateway {
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
         match self.version {
-            Version::Http1 => {
-                if req.version() == hyper::Version::HTTP_2 {
-                    downgrade(&mut req);
-                }
-                self.state.lock().await.send_http1(req).await
+            Version::Http1 if req.version() == hyper::Version::HTTP_2 => {
+                downgrade(&mut req);
+                self.send_pooled(req).await
             }
+            Version::Http1 => self.state.lock().await.send_http1(req).await,
             Version::Http2 => self.send_http2(req).await,
         }
+    }
+
+    /// An HTTP/2 client's stream to an HTTP/1.1 gateway: on an idle connection of the pool,
+    /// or a new one; the lock is held to pick or dial, never across a call.
+    async fn send_pooled(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        for _ in 0..2 {
+            let mut sender = {
+                let mut state = self.state.lock().await;
+                if let Some(Sender::Http1(first)) = state.sender.take() {
+                    state.pool.push(first);
+                }
+                state.pool.retain(|s| !s.is_closed());
+                match state.pool.iter().position(|s| s.is_ready()) {
+                    Some(i) => state.pool.swap_remove(i),
+                    None => {
+                        let io = (state.connect)().await.map_err(GatewayError::Reconnect)?;
+                        state.handshake_http1(io).await?
+                    }
+                }
+            };
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    // Back in the pool: ready again once this answer has been read.
+                    self.state.lock().await.pool.push(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(GatewayError::Send(e.into_error())),
+                },
+            }
+        }
+        Err(GatewayError::Closed)
     }
 
     async fn send_http2(
@@ -178,16 +220,7 @@ impl State {
         while self.tasks.try_join_next().is_some() {}
         match version {
             Version::Http1 => {
-                let (sender, connection) = hyper::client::conn::http1::Builder::new()
-                    .preserve_header_case(true)
-                    .handshake(TokioIo::new(io))
-                    .await
-                    .map_err(GatewayError::Handshake)?;
-                self.tasks.spawn(async move {
-                    if let Err(e) = connection.with_upgrades().await {
-                        tracing::debug!(error = %e, "gateway connection ended with an error");
-                    }
-                });
+                let sender = self.handshake_http1(io).await?;
                 self.sender = Some(Sender::Http1(sender));
             }
             Version::Http2 => {
@@ -206,6 +239,24 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    async fn handshake_http1(
+        &mut self,
+        io: BoxIo,
+    ) -> Result<hyper::client::conn::http1::SendRequest<ProxyBody>, GatewayError> {
+        while self.tasks.try_join_next().is_some() {}
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(GatewayError::Handshake)?;
+        self.tasks.spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "gateway connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     async fn send_http1(

@@ -17,6 +17,9 @@ use crate::proxy::detect::H2_PREFACE;
 
 /// How long a verdict holds before the gateway is probed again (it may be upgraded).
 const REMEMBERED: Duration = Duration::from_secs(300);
+/// How long a probe that could not tell (no connection, no answer in time) holds: briefly,
+/// so that a gateway restarting is not taken for HTTP/1.1 for minutes.
+const UNSURE: Duration = Duration::from_secs(10);
 /// How long the probe waits for the gateway's first bytes.
 const PROBE_WAIT: Duration = Duration::from_secs(3);
 
@@ -50,6 +53,7 @@ pub fn classify(first: &[u8]) -> Verdict {
 
 /// The verdicts so far, per gateway address.
 pub struct H2cProbe {
+    /// The verdict, and until when it holds.
     seen: Mutex<lru::LruCache<SocketAddr, (bool, Instant)>>,
 }
 
@@ -66,22 +70,28 @@ impl Default for H2cProbe {
 impl H2cProbe {
     /// Whether `dst` speaks h2c: remembered, or probed now over a connection of its own.
     pub async fn speaks_h2c(&self, dst: SocketAddr, connect: &Connect) -> bool {
-        if let Some((yes, at)) = self.seen.lock().expect("h2c cache lock").get(&dst).copied()
-            && at.elapsed() < REMEMBERED
+        if let Some((yes, until)) = self.seen.lock().expect("h2c cache lock").get(&dst).copied()
+            && Instant::now() < until
         {
             return yes;
         }
-        let yes = probe(connect).await;
-        tracing::debug!(%dst, h2c = yes, "probed the gateway for HTTP/2 with prior knowledge");
+        let found = probe(connect).await;
+        tracing::debug!(%dst, h2c = ?found, "probed the gateway for HTTP/2 with prior knowledge");
+        let (yes, holds) = match found {
+            Some(yes) => (yes, REMEMBERED),
+            // Unsure: HTTP/1.1, which any HTTP gateway reads, for a little while.
+            None => (false, UNSURE),
+        };
         self.seen
             .lock()
             .expect("h2c cache lock")
-            .put(dst, (yes, Instant::now()));
+            .put(dst, (yes, Instant::now() + holds));
         yes
     }
 }
 
-async fn probe(connect: &Connect) -> bool {
+/// Some(verdict), or None when the gateway could not be reached or said nothing in time.
+async fn probe(connect: &Connect) -> Option<bool> {
     let run = async {
         let mut io = connect().await?;
         io.write_all(H2_PREFACE).await?;
@@ -103,7 +113,7 @@ async fn probe(connect: &Connect) -> bool {
             }
         }
     };
-    matches!(tokio::time::timeout(PROBE_WAIT, run).await, Ok(Ok(true)))
+    tokio::time::timeout(PROBE_WAIT, run).await.ok()?.ok()
 }
 
 #[cfg(test)]

@@ -83,10 +83,21 @@ impl Body for Tee {
         }
         match std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
-                if let Some(trailers) = frame.trailers_ref()
-                    && let Some(tx) = &self.tx
-                {
-                    let _ = tx.send(Chunk::Trailers(trailers.clone()));
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(tx) = &self.tx {
+                        let _ = tx.send(Chunk::Trailers(trailers.clone()));
+                    }
+                    // Trailers are the body's last frame: hyper ends the stream with them and
+                    // polls no more, so they are what waits for the records.
+                    if !self.ended {
+                        self.announce_end();
+                        if self.release.is_some() {
+                            self.held = Some(frame);
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;

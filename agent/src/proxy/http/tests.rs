@@ -1641,17 +1641,24 @@ mod http2 {
         });
         let h = Harness::with_stub(RULES, stub).await;
         let (sender, task) = h2c(&h).await;
+        let slow = tokio::spawn(answer(sender.clone(), call(3, "slow", json!({}))));
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let (a, b) = tokio::join!(
             answer(sender.clone(), call(1, "add", json!({}))),
             answer(sender.clone(), call(2, "deploy-prod", json!({}))),
         );
+        let (slow, slow_at) = slow.await.unwrap();
         assert_eq!(a.0["id"], 1);
         assert_eq!(b.0["error"]["code"], -32001);
+        assert_eq!(slow["id"], 3);
+        // Each stream has an HTTP/1.1 connection of its own while its answer runs: the slow
+        // call holds up nothing.
+        assert!(a.1 < slow_at, "the fast call waited for the slow one");
         drop(sender);
         task.await.unwrap().result.unwrap();
         let seen = h.stub.seen();
-        assert_eq!(seen.len(), 1);
-        assert_eq!(seen[0].version, hyper::Version::HTTP_11);
+        assert_eq!(seen.len(), 2);
+        assert!(seen.iter().all(|s| s.version == hyper::Version::HTTP_11));
         assert_eq!(seen[0].headers["host"], "10.0.0.5:8811");
         let mcp = h.mcp();
         assert!(mcp.iter().all(|e| e.http.version.as_deref() == Some("2")));
@@ -1702,6 +1709,10 @@ mod http2 {
             .into_iter()
             .find(|e| e.direction == Direction::ServerToClient)
             .unwrap();
+        // The answer itself, not a "client closed" outcome: the trailers were the end the
+        // records held, and the observer saw that end.
+        assert_eq!(answer.message, Some(Kind::Response), "{answer:?}");
+        assert!(!answer.client_closed);
         assert_eq!(answer.http.trailers["x-checksum"], "abc123");
         let contact = &answer.http.trailers["x-contact"];
         assert!(!contact.contains("ops-lead@example.com"), "{contact}");

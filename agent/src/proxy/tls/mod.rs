@@ -110,19 +110,24 @@ struct Upstream {
     sessions: Arc<dyn rustls::client::ClientSessionStore>,
 }
 
-/// A file as it was when read: its path, length, mode and modification time.
+/// A file as it was when read: its path, inode, owner, mode, length and change times (a
+/// `chown` or `chmod` changes it too, so the root-only check runs again).
 #[derive(Clone, PartialEq, Eq, Hash)]
-struct Stamp(PathBuf, u64, u32, Option<std::time::SystemTime>);
+struct Stamp(PathBuf, [u64; 4], [i64; 4]);
 
 impl Stamp {
     fn of(path: &Path) -> Result<Stamp, std::io::Error> {
-        use std::os::unix::fs::PermissionsExt as _;
-        let meta = std::fs::metadata(path)?;
+        use std::os::unix::fs::MetadataExt as _;
+        let m = std::fs::metadata(path)?;
         Ok(Stamp(
             path.to_path_buf(),
-            meta.len(),
-            meta.permissions().mode(),
-            meta.modified().ok(),
+            [
+                m.ino(),
+                m.len(),
+                u64::from(m.uid()) << 32 | u64::from(m.gid()),
+                u64::from(m.mode()),
+            ],
+            [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()],
         ))
     }
 }
