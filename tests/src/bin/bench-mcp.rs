@@ -384,34 +384,51 @@ fn h2_fixed_rate(addr: SocketAddr, rate: u64, secs: u64, size: usize) -> Vec<u64
         for i in 0..64 {
             one_call_h2(sender.clone(), i, size).await;
         }
-        let total = rate * secs;
-        let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel();
-        let start = Instant::now() + Duration::from_millis(20);
-        let dispatcher = std::thread::spawn(move || {
-            for i in 0..total {
-                let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                due_tx.send((i, due)).unwrap();
-            }
-        });
-        let mut tasks = Vec::with_capacity(total as usize);
-        while let Some((i, due)) = due_rx.recv().await {
+        open_loop(rate, secs, move |i| {
             let sender = sender.clone();
-            tasks.push(tokio::spawn(async move {
+            async move {
                 one_call_h2(sender, i, size).await;
-                due.elapsed().as_micros() as u64
-            }));
-        }
-        dispatcher.join().unwrap();
-        let mut out = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out.sort_unstable();
-        out
+            }
+        })
+        .await
     })
+}
+
+/// Releases call i at start + i/rate, each a task of its own, from a thread that sleeps
+/// until each is due (tokio's timer has a resolution of 1 ms); returns each call's latency
+/// counted from its due time, in microseconds, sorted.
+async fn open_loop<F, Fut>(rate: u64, secs: u64, call: F) -> Vec<u64>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let total = rate * secs;
+    let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel();
+    let start = Instant::now() + Duration::from_millis(20);
+    let dispatcher = std::thread::spawn(move || {
+        for i in 0..total {
+            let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            due_tx.send((i, due)).unwrap();
+        }
+    });
+    let mut tasks = Vec::with_capacity(total as usize);
+    while let Some((i, due)) = due_rx.recv().await {
+        let call = call(i);
+        tasks.push(tokio::spawn(async move {
+            call.await;
+            due.elapsed().as_micros() as u64
+        }));
+    }
+    dispatcher.join().unwrap();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out.sort_unstable();
+    out
 }
 
 /// Closed loop over HTTP/2: `conns` connections with `streams` callers each, back to back.
@@ -490,36 +507,15 @@ fn fixed_rate_with(addr: SocketAddr, dial: &Dial, rate: u64, secs: u64, size: us
             one_call(&mut s, i, size, false).await;
             tx.send(s).unwrap();
         }
-        let total = rate * secs;
-        let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel();
-        let start = Instant::now() + Duration::from_millis(20);
-        let dispatcher = std::thread::spawn(move || {
-            for i in 0..total {
-                let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                due_tx.send((i, due)).unwrap();
-            }
-        });
-        let mut tasks = Vec::with_capacity(total as usize);
-        while let Some((i, due)) = due_rx.recv().await {
+        open_loop(rate, secs, move |i| {
             let (pool, tx) = (pool.clone(), tx.clone());
-            tasks.push(tokio::spawn(async move {
+            async move {
                 let mut s = pool.lock().await.recv().await.unwrap();
                 one_call(&mut s, i, size, false).await;
-                let latency = due.elapsed();
                 tx.send(s).unwrap();
-                latency.as_micros() as u64
-            }));
-        }
-        dispatcher.join().unwrap();
-        let mut out = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out.sort_unstable();
-        out
+            }
+        })
+        .await
     })
 }
 
