@@ -14,6 +14,7 @@ pub mod control;
 pub mod identity;
 pub mod intercept;
 pub mod mcp;
+pub mod metrics;
 pub mod policy;
 pub mod process;
 pub mod proxy;

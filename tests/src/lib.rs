@@ -540,6 +540,19 @@ impl Agent {
         inside: bool,
         level: &str,
     ) -> Agent {
+        Self::start_env(state_dir, cgroup, targets, extra, inside, level, &[])
+    }
+
+    /// Like `start_logging`, with more environment variables for the agent.
+    pub fn start_env(
+        state_dir: &Path,
+        cgroup: &TestCgroup,
+        targets: &[String],
+        extra: &[&str],
+        inside: bool,
+        level: &str,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let listen_port = match extra.iter().position(|a| *a == "--listen-port") {
             Some(i) => extra[i + 1].parse().expect("--listen-port takes a number"),
             None => free_port(),
@@ -566,6 +579,7 @@ impl Agent {
         cmd.args(extra);
         let mut child = cmd
             .env("MCPTRAIL_LOG", level)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

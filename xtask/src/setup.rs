@@ -10,13 +10,18 @@ use anyhow::{Context as _, bail};
 use crate::run_checked;
 
 /// Debian packages: libclang for RocksDB's bindings, and the real programs the tests drive
-/// (`update-ca-certificates`, from ca-certificates, for `mcptrail ca install`).
+/// (`update-ca-certificates`, from ca-certificates, for `mcptrail ca install`; Prometheus and
+/// its promtool, which scrape and check `/metrics`; dpkg-dev's `dpkg-shlibdeps` for the
+/// package's dependencies; systemd's `systemd-analyze` for the unit).
 const APT_PACKAGES: &[&str] = &[
     "libclang-dev",
     "curl",
     "iproute2",
     "python3",
     "ca-certificates",
+    "prometheus",
+    "dpkg-dev",
+    "systemd",
 ];
 
 /// The bpf-linker release this recipe is known to build.

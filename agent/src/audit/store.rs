@@ -263,7 +263,14 @@ impl Store {
     fn write(&mut self, batch: WriteBatch, sync: bool) -> Result<(), AuditError> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
+        let started = Instant::now();
         let r = self.db()?.write_opt(batch, &wo).map_err(AuditError::Write);
+        let took = started.elapsed().as_secs_f64();
+        let m = crate::metrics::get();
+        m.group_write_seconds.observe(took);
+        if sync {
+            m.fsync_seconds.observe(took);
+        }
         if r.is_err() {
             self.broken = true;
         }
@@ -283,7 +290,12 @@ impl Store {
             .name("audit-wal-sync".into())
             .spawn(move || {
                 while let Some(db) = db.upgrade() {
-                    if let Err(e) = db.flush_wal(true) {
+                    let started = Instant::now();
+                    let synced = db.flush_wal(true);
+                    crate::metrics::get()
+                        .fsync_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    if let Err(e) = synced {
                         tracing::error!(error = %e, "syncing the audit WAL failed");
                     }
                     drop(db);
@@ -840,8 +852,23 @@ impl AuditLog {
 
     /// Appends one event and waits until it is durable; returns its sequence number.
     pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
+        let started = Instant::now();
+        let kind = event.kind();
+        let result = self.append_encoded(Encoded::new(&event)).await;
+        let m = crate::metrics::get();
+        match &result {
+            Ok(seq) => {
+                m.append_seconds.observe(started.elapsed().as_secs_f64());
+                m.records_written.with_label_values(&[kind]).inc();
+                m.trail_head.set(*seq as i64);
+            }
+            Err(_) => m.records_failed.with_label_values(&[kind]).inc(),
+        }
+        result
+    }
+
+    async fn append_encoded(&self, event: Encoded) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
-        let event = Encoded::new(&event);
         self.tx
             .send(Request::Append(Box::new(Pending { event, done })))
             .await

@@ -4,13 +4,15 @@
 
 mod approvals;
 mod ca;
+pub mod config;
 mod detach;
 mod export;
 mod filter;
 mod key;
 mod out;
 mod policy;
-mod run;
+pub mod run;
+mod service;
 mod show;
 mod stats;
 mod status;
@@ -50,6 +52,12 @@ pub struct Cli {
     )]
     pub state_dir: PathBuf,
 
+    /// How log lines are written to stderr: `text`, or `json` (one object per line with the
+    /// span fields, for journald and log shippers). For `run`, the configuration file's
+    /// `[log] format` applies when this is not given.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<config::LogFormat>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -73,6 +81,8 @@ pub enum Command {
     /// The host CA that TLS termination signs clients' leaves with: export, install in the
     /// system store, uninstall, rotate.
     Ca(ca::CaArgs),
+    /// The agent's configuration file: check it as `run` would read it.
+    Config(config::ConfigArgs),
     /// Check a policy file, or try it on a message without traffic.
     Policy(policy::PolicyArgs),
     /// List the calls held for approval: who asks for what, since when.
@@ -91,27 +101,35 @@ pub enum Command {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Run(_) => "info",
-        _ => "warn",
-    };
-    init_logging(default_level);
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Run(args) => run::run(&cli.state_dir, args),
-        Command::Tail(args) => tail::run(&cli.state_dir, args),
-        Command::Status(args) => status::run(&cli.state_dir, args),
-        Command::Detach => detach::run(&cli.state_dir),
-        Command::Verify(args) => verify::run(&cli.state_dir, args),
-        Command::Key(args) => key::run(&cli.state_dir, args),
-        Command::Ca(args) => ca::run(&cli.state_dir, args),
-        Command::Policy(args) => policy::run(&cli.state_dir, args),
-        Command::Approvals(args) => approvals::list(&cli.state_dir, args),
-        Command::Approve(args) => approvals::decide(&cli.state_dir, args, true),
-        Command::Deny(args) => approvals::decide(&cli.state_dir, args, false),
-        Command::Show(args) => show::run(&cli.state_dir, args),
-        Command::Stats(args) => stats::run(&cli.state_dir, args),
-        Command::Export(args) => export::run(&cli.state_dir, args),
+        Command::Run(args) => {
+            let explicit = matches
+                .subcommand_matches("run")
+                .map(config::Explicit::from_matches)
+                .unwrap_or_default();
+            // The configuration file says how to log, so it is read before logging starts.
+            match run::Configured::new(args, explicit) {
+                Ok(configured) => {
+                    let log = configured.log();
+                    init_logging(
+                        log.level.as_deref().unwrap_or("info"),
+                        cli.log_format.or(log.format).unwrap_or_default(),
+                    );
+                    run::run(&cli.state_dir, configured)
+                }
+                Err(e) => {
+                    init_logging("info", cli.log_format.unwrap_or_default());
+                    Err(e)
+                }
+            }
+        }
+        command => {
+            init_logging("warn", cli.log_format.unwrap_or_default());
+            dispatch(&cli.state_dir, command)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -122,15 +140,44 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `MCPTRAIL_LOG` takes a tracing filter such as `debug` or `mcptrail=trace`.
-fn init_logging(default_level: &str) {
+fn dispatch(state_dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(_) => unreachable!("`run` is started by main"),
+        Command::Tail(args) => tail::run(state_dir, args),
+        Command::Status(args) => status::run(state_dir, args),
+        Command::Detach => detach::run(state_dir),
+        Command::Verify(args) => verify::run(state_dir, args),
+        Command::Key(args) => key::run(state_dir, args),
+        Command::Ca(args) => ca::run(state_dir, args),
+        Command::Config(args) => config::run(args),
+        Command::Policy(args) => policy::run(state_dir, args),
+        Command::Approvals(args) => approvals::list(state_dir, args),
+        Command::Approve(args) => approvals::decide(state_dir, args, true),
+        Command::Deny(args) => approvals::decide(state_dir, args, false),
+        Command::Show(args) => show::run(state_dir, args),
+        Command::Stats(args) => stats::run(state_dir, args),
+        Command::Export(args) => export::run(state_dir, args),
+    }
+}
+
+/// Logs go to stderr; `MCPTRAIL_LOG` takes a tracing filter such as `debug` or
+/// `mcptrail=trace` and wins over the configured level.
+fn init_logging(default_level: &str, format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MCPTRAIL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        config::LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 #[cfg(test)]

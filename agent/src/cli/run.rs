@@ -12,6 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::{config, service};
 use crate::audit::keys;
 use crate::audit::record::{
     AgentStart, AgentStop, Event, PolicyChanged, TargetsChanged, now_rfc3339,
@@ -54,8 +55,14 @@ does not load keeps the policy in force). SIGINT or SIGTERM \
 stop it; with --fail-mode open (the default) the hooks go with it and traffic goes direct, with \
 --fail-mode closed they stay pinned and calls are refused until an agent runs again.";
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// Configuration file with any of these settings (see packaging/mcptrail.toml); a flag
+    /// given here wins over it. Re-read on SIGHUP. [default: /etc/mcptrail/mcptrail.toml when
+    /// it exists]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Gateway to intercept: ADDR:PORT, [V6ADDR]:PORT, *:PORT (any address on the port) or
     /// HOST:PORT (resolved at start and every --resolve-interval). Repeat for several. With
     /// neither --target nor --targets-file, the target is *:8811.
@@ -165,6 +172,106 @@ pub struct RunArgs {
     /// Seconds that open connections may go on after a stop signal before they are cut.
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     pub shutdown_grace: u64,
+
+    /// Where Prometheus scrapes `/metrics` (ADDR:PORT); an empty value turns the endpoint off.
+    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: MetricsListen,
+}
+
+/// The metrics endpoint: loopback only unless the operator says otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9811";
+
+/// `--metrics-listen` / `[metrics] listen`: an address, or none (`""`) for no endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Ok(MetricsListen(None));
+        }
+        s.parse().map(|a| MetricsListen(Some(a))).map_err(|_| {
+            format!(
+                "`{s}` is not ADDR:PORT (for example 127.0.0.1:9811 or [::1]:9811); use \"\" to turn the metrics endpoint off"
+            )
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for MetricsListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl RunArgs {
+    /// Every setting at its default, as `mcptrail run` with no flags has them.
+    pub fn defaults() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = super::Cli::command().get_matches_from(["mcptrail", "run"]);
+        let run = matches
+            .subcommand_matches("run")
+            .expect("the run subcommand");
+        RunArgs::from_arg_matches(run).expect("the defaults parse")
+    }
+
+    /// Checks the settings together, and the files they name, before anything is attached;
+    /// returns a summary of what a run would use.
+    pub fn check(&self) -> anyhow::Result<Vec<String>> {
+        if self.origin_map_size == 0 {
+            bail!("origin_map_size (--origin-map-size) must be at least 1");
+        }
+        if self.checkpoint_every == 0 || self.checkpoint_interval == 0 {
+            bail!(
+                "checkpoint_every and checkpoint_interval (--checkpoint-every, --checkpoint-interval) must be at least 1"
+            );
+        }
+        if self.durability == DurabilityArg::Buffered && self.buffered_window_ms == 0 {
+            bail!("buffered_window_ms (--buffered-window-ms) must be at least 1");
+        }
+        if self.listen_port == 0 {
+            bail!("listen_port (--listen-port) must be a port from 1 to 65535");
+        }
+        let policy = match &self.policy {
+            Some(path) => Policy::load(path)?,
+            None => Policy::embedded_default()?,
+        };
+        let targets = all_targets(self)?;
+        for ca in &self.upstream_ca {
+            std::fs::metadata(ca).with_context(|| {
+                format!("the upstream CA bundle {} (--upstream-ca)", ca.display())
+            })?;
+        }
+        Ok(vec![
+            format!(
+                "targets: {}",
+                targets
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!("policy: {} ({})", policy.name, policy.source),
+            format!(
+                "proxy: 127.0.0.1:{} and [::1]:{}",
+                self.listen_port, self.listen_port
+            ),
+            format!(
+                "trail: durability {:?}, on audit failure {:?}, fail mode {}",
+                self.durability, self.on_audit_failure, self.fail_mode
+            )
+            .to_lowercase(),
+            format!(
+                "metrics: {}",
+                self.metrics_listen
+                    .0
+                    .map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics"))
+            ),
+        ])
+    }
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -172,7 +279,8 @@ fn parse_target(s: &str) -> Result<Target, String> {
         .map_err(|e: intercept::InterceptError| e.to_string())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DurabilityArg {
     Sync,
     Buffered,
@@ -186,32 +294,90 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("`{s}` is not a 32-bit number (decimal or 0x hex)"))
 }
 
-pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
+/// Where a run's settings came from: the configuration file (re-read on SIGHUP) under the
+/// flags given on the command line.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// The flags as given, before the file filled them in.
+    flags: RunArgs,
+    explicit: config::Explicit,
+    pub file: config::ConfigFile,
+}
+
+impl ConfigSource {
+    fn effective(&self) -> RunArgs {
+        let mut args = self.flags.clone();
+        self.file.apply(&mut args, &self.explicit);
+        args
+    }
+
+    /// Reads the file again: the new settings, or why the file does not load.
+    fn reload(&mut self) -> Result<RunArgs, config::ConfigError> {
+        self.file = config::ConfigFile::load(&self.path)?;
+        Ok(self.effective())
+    }
+}
+
+/// A run's settings: the flags over the configuration file over the defaults.
+#[derive(Debug, Clone)]
+pub struct Configured {
+    pub args: RunArgs,
+    pub source: Option<ConfigSource>,
+}
+
+impl Configured {
+    pub fn new(flags: RunArgs, explicit: config::Explicit) -> anyhow::Result<Self> {
+        let Some(path) = config::config_path(flags.config.as_deref()) else {
+            return Ok(Configured {
+                args: flags,
+                source: None,
+            });
+        };
+        let file = config::ConfigFile::load(&path)?;
+        let source = ConfigSource {
+            path,
+            flags,
+            explicit,
+            file,
+        };
+        Ok(Configured {
+            args: source.effective(),
+            source: Some(source),
+        })
+    }
+
+    /// The `[log]` section, when a file gave one.
+    pub fn log(&self) -> config::Log {
+        self.source
+            .as_ref()
+            .map(|s| s.file.log.clone())
+            .unwrap_or_default()
+    }
+}
+
+pub fn run(state_dir: &Path, configured: Configured) -> anyhow::Result<()> {
+    let Configured { args, source } = configured;
+    if let Some(src) = &source {
+        tracing::info!(config = %src.path.display(), "settings read from the configuration file (flags given on the command line win)");
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "`mcptrail run` must run as root: it loads eBPF programs and keeps a root-only trail in {}",
             state_dir.display()
         );
     }
-    if args.origin_map_size == 0 {
-        bail!("--origin-map-size must be at least 1");
-    }
+    // Read the policy and the targets file before anything is attached, so a bad file stops
+    // the start.
+    args.check()?;
     let policy = match &args.policy {
         Some(path) => Policy::load(path)?,
         None => Policy::embedded_default()?,
     };
-    // Read the targets file before anything is attached, so a bad file stops the start.
-    all_targets(&args)?;
-    if args.checkpoint_every == 0 || args.checkpoint_interval == 0 {
-        bail!("--checkpoint-every and --checkpoint-interval must be at least 1");
-    }
     let mut store = Store::open(state_dir)?;
     store.set_durability(match args.durability {
         DurabilityArg::Sync => Durability::Sync,
         DurabilityArg::Buffered => {
-            if args.buffered_window_ms == 0 {
-                bail!("--buffered-window-ms must be at least 1");
-            }
             tracing::warn!(
                 window_ms = args.buffered_window_ms,
                 "buffered durability: records are synced in the background; a host crash can lose the last window"
@@ -242,6 +408,7 @@ pub fn run(state_dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     let result = runtime.block_on(serve(
         state_dir,
         args,
+        source,
         policy,
         audit,
         head.seq,
@@ -277,6 +444,7 @@ pub(super) fn all_targets(args: &RunArgs) -> anyhow::Result<Vec<Target>> {
 async fn serve(
     state_dir: &Path,
     args: RunArgs,
+    source: Option<ConfigSource>,
     policy: Policy,
     audit: AuditLog,
     last_seq: u64,
@@ -298,6 +466,12 @@ async fn serve(
         }
     }
     let proxy_v6 = listeners.len() == 2;
+    // Before anything is attached: a port in use stops the start with nothing to undo.
+    let metrics_listener = match args.metrics_listen.0 {
+        Some(addr) => Some(crate::metrics::endpoint::bind(addr).await?),
+        None => None,
+    };
+    crate::metrics::get().trail_head.set(last_seq as i64);
     let netns_cookie = crate::sys::netns_cookie(&listeners[0])
         .context("reading the proxy socket's network namespace cookie (needs Linux 5.14+)")?;
     let cgroup = intercept::cgroup::resolve(args.cgroup.as_deref())?;
@@ -399,7 +573,7 @@ async fn serve(
     let stats = proxy.stats();
     let server = tokio::spawn(proxy.serve(stop_accepting.clone(), cut.clone(), tracker.clone()));
 
-    let status = StatusSource {
+    let status = Arc::new(StatusSource {
         interceptor: interceptor.clone(),
         stats: stats.clone(),
         started: now_rfc3339(),
@@ -408,7 +582,18 @@ async fn serve(
         mark: args.upstream_mark,
         fail_mode: args.fail_mode,
         pins: intercept::pins::instance_dir(state_dir),
-    };
+    });
+    let metrics_at = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = metrics_listener {
+        let status = status.clone();
+        let approvals = approvals.clone();
+        let cursors = state_dir.join("cursors");
+        tokio::spawn(crate::metrics::endpoint::serve(
+            listener,
+            Arc::new(move || status.scrape(approvals.list().len() as u64, &cursors)),
+            stop_accepting.clone(),
+        ));
+    }
     control::serve(
         state_dir,
         move |req, peer| match req {
@@ -429,10 +614,26 @@ async fn serve(
         cgroup = %cgroup.display(),
         policy = %policy.name,
         previous_records = last_seq,
+        metrics = %metrics_at.map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics")),
         "mcptrail ready: new connections to the targets are redirected, relayed and recorded"
     );
+    service::ready();
+    let watchdog = service::watchdog(cut.clone());
 
-    let reason = supervise(&args, &interceptor, &audit, &live, &stats, signals).await?;
+    let reason = supervise(
+        args.clone(),
+        source,
+        &interceptor,
+        &audit,
+        &live,
+        &stats,
+        signals,
+    )
+    .await?;
+    service::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!(
         reason,
         "stopping: detaching the hooks, draining connections"
@@ -516,8 +717,12 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 /// Loads the policy file again and swaps it in whole; a file that does not load leaves the
 /// old policy in force. Either way the returned record says what happened; the caller writes
 /// it with [`record_control`], so a trail that refuses it does not undo or stop the change.
-fn reload_policy(path: &Path, trigger: &str, live: &Live) -> Event {
-    let outcome = Policy::load(path).and_then(|p| {
+fn reload_policy(path: Option<&Path>, trigger: &str, live: &Live) -> Event {
+    let loaded = match path {
+        Some(path) => Policy::load(path),
+        None => Policy::embedded_default(),
+    };
+    let outcome = loaded.and_then(|p| {
         let reference = p.reference();
         if p.identity != live.current().policy.identity {
             tracing::warn!(
@@ -708,6 +913,53 @@ async fn flush_at_stop(audit: &AuditLog, pending: &mut PendingRecords) {
     }
 }
 
+/// The retention policy the settings ask for.
+fn retention(args: &RunArgs) -> Retention {
+    Retention {
+        max_age: args.retain_days.map(|d| Duration::from_secs(d * 86_400)),
+        max_bytes: args.retain_mb.map(|m| m * 1024 * 1024),
+    }
+}
+
+/// On SIGHUP: reads the configuration file again and takes what can change at run time
+/// (`config::LIVE_SETTINGS`) into `args`; says which other settings changed and wait for a
+/// restart. A file that no longer loads keeps every setting in force.
+fn reread_config(src: &mut ConfigSource, args: &mut RunArgs) {
+    let old_log = src.file.log.clone();
+    let new = match src.reload() {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(error = %e, "the configuration file does not load; every setting stays as it is");
+            return;
+        }
+    };
+    let mut restart: Vec<String> = config::restart_needed(args, &new)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if src.file.log != old_log {
+        restart.push("log".to_owned());
+    }
+    if new.check().is_err() {
+        // The targets file or the policy it names does not load: the loops below say why and
+        // keep what is in force.
+        tracing::warn!("the re-read configuration names a file that does not load");
+    }
+    args.targets = new.targets;
+    args.targets_file = new.targets_file;
+    args.resolve_interval = new.resolve_interval;
+    args.policy = new.policy;
+    args.retain_days = new.retain_days;
+    args.retain_mb = new.retain_mb;
+    tracing::info!(config = %src.path.display(), applied = config::LIVE_SETTINGS.join(","), "configuration re-read");
+    if !restart.is_empty() {
+        tracing::warn!(
+            settings = restart.join(","),
+            "these settings changed in the configuration file and take effect at the next start"
+        );
+    }
+}
+
 /// The signals the agent answers, installed before it says it is ready.
 struct Signals {
     term: tokio::signal::unix::Signal,
@@ -729,7 +981,8 @@ impl Signals {
 /// After the start, nothing the trail refuses ends it: control-plane records wait in a
 /// bounded queue and are written late (see [`record_control`]).
 async fn supervise(
-    args: &RunArgs,
+    mut args: RunArgs,
+    mut source: Option<ConfigSource>,
     interceptor: &Arc<Interceptor>,
     audit: &AuditLog,
     live: &Live,
@@ -751,10 +1004,6 @@ async fn supervise(
     let every = Duration::from_secs(args.checkpoint_interval);
     let mut sign = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     sign.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let retention = Retention {
-        max_age: args.retain_days.map(|d| Duration::from_secs(d * 86_400)),
-        max_bytes: args.retain_mb.map(|m| m * 1024 * 1024),
-    };
     let mut prune = tokio::time::interval(RETENTION_CHECK);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trim = tokio::time::interval(HEAP_TRIM);
@@ -768,10 +1017,19 @@ async fn supervise(
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
-                if let Some(path) = &args.policy {
-                    policy_stamp = file_stamp(path);
+                let old_policy = args.policy.clone();
+                if let Some(src) = &mut source {
+                    reread_config(src, &mut args);
+                    if args.resolve_interval != 0 {
+                        let period = Duration::from_secs(args.resolve_interval);
+                        tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
+                if args.policy.is_some() || old_policy.is_some() {
+                    policy_stamp = args.policy.as_deref().and_then(file_stamp);
                     // The new policy is in force whether or not the trail takes the record.
-                    let event = reload_policy(path, "SIGHUP", live);
+                    let event = reload_policy(args.policy.as_deref(), "SIGHUP", live);
                     record_control(audit, event, &mut pending, stats, on_failure).await;
                 }
                 "SIGHUP"
@@ -781,7 +1039,7 @@ async fn supervise(
                 let stamp = file_stamp(path);
                 if stamp != policy_stamp {
                     policy_stamp = stamp;
-                    let event = reload_policy(path, "file-change", live);
+                    let event = reload_policy(Some(path), "file-change", live);
                     record_control(audit, event, &mut pending, stats, on_failure).await;
                 }
                 continue;
@@ -803,8 +1061,8 @@ async fn supervise(
                 continue;
             }
             _ = tick.tick(), if args.resolve_interval > 0 => "re-resolve",
-            _ = prune.tick(), if retention != Retention::default() => {
-                if let Err(e) = audit.retain(retention).await {
+            _ = prune.tick(), if retention(&args) != Retention::default() => {
+                if let Err(e) = audit.retain(retention(&args)).await {
                     tracing::error!(error = %e, "applying the retention policy failed");
                 }
                 continue;
@@ -817,7 +1075,7 @@ async fn supervise(
                 continue;
             }
         };
-        let targets = match all_targets(args) {
+        let targets = match all_targets(&args) {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(
@@ -870,6 +1128,46 @@ async fn supervise(
     Ok(reason)
 }
 
+/// How far each export cursor (`STATE_DIR/cursors/NAME`, moved by `mcptrail export
+/// --cursor NAME`) is behind the trail's head `head`.
+fn export_lag(cursors: &Path, head: u64) -> Vec<crate::metrics::ExportLag> {
+    let Ok(entries) = std::fs::read_dir(cursors) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Cursor names have no dot; `NAME.tmp` is one being replaced.
+        if name.contains('.') {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let Ok(at) = text.trim().parse::<u64>() else {
+            continue;
+        };
+        let records = head.saturating_sub(at);
+        let seconds = if records == 0 {
+            0
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map_or(0, |d| d.as_secs())
+        };
+        out.push(crate::metrics::ExportLag {
+            cursor: name,
+            records,
+            seconds,
+        });
+    }
+    out.sort_by(|a, b| a.cursor.cmp(&b.cursor));
+    out
+}
+
 /// What `mcptrail status` is told.
 struct StatusSource {
     interceptor: Arc<Interceptor>,
@@ -883,14 +1181,32 @@ struct StatusSource {
 }
 
 impl StatusSource {
-    fn report(&self) -> serde_json::Value {
-        let installed = self.interceptor.installed();
-        let keys: Vec<_> = installed.iter().map(|i| i.key).collect();
-        let bypassing = bypass::bypassing(
+    /// Established connections to the targets that did not come through the agent.
+    fn bypassing(&self) -> Vec<bypass::TcpSocket> {
+        let keys: Vec<_> = self.interceptor.installed().iter().map(|i| i.key).collect();
+        bypass::bypassing(
             &bypass::read_tcp_tables(),
             &keys,
             &bypass::own_socket_inodes(),
-        );
+        )
+    }
+
+    /// What Prometheus is told at a scrape, besides what the data plane counts itself.
+    fn scrape(&self, approvals_pending: u64, cursors: &Path) -> crate::metrics::Scrape {
+        let head = crate::metrics::get().trail_head.get().max(0) as u64;
+        crate::metrics::Scrape {
+            kernel: self.interceptor.counters().into_iter().collect(),
+            proxy: self.stats.snapshot().into_iter().collect(),
+            approvals_pending,
+            bypassing: self.bypassing().len() as u64,
+            targets: self.interceptor.installed().len() as u64,
+            export_lag: export_lag(cursors, head),
+        }
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let installed = self.interceptor.installed();
+        let bypassing = self.bypassing();
         let stats = self.interceptor.program_stats();
         let programs: Vec<_> = self
             .interceptor

@@ -15,7 +15,9 @@ use super::InterceptError;
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum FailMode {
     /// The hooks die with the agent; traffic then goes direct (unaudited) until it restarts.

@@ -71,6 +71,15 @@ impl FromStr for Target {
     }
 }
 
+/// Read from the configuration file as the same `HOST:PORT` text the flag takes; an error
+/// carries the value's place in the file.
+impl<'de> serde::Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 fn is_host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253

@@ -115,7 +115,7 @@ impl Policy {
     pub fn parse(text: &str, source_name: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Invalid {
             source_name: source_name.to_owned(),
-            message: describe(text, &e),
+            message: describe_toml_error(text, &e),
         })?;
         for issuer in &file.identity.issuers {
             if let Err(why) = issuer.algorithms() {
@@ -234,7 +234,8 @@ impl Policy {
 }
 
 /// `line L, column C: message`, from the byte span toml reports.
-fn describe(text: &str, e: &toml::de::Error) -> String {
+/// A TOML error as `line L, column C: message`, for the policy and the configuration file.
+pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim().to_owned();
     match e.span() {
         Some(span) => {

@@ -126,7 +126,9 @@ pub struct Settings {
 }
 
 /// What to do with traffic when the trail cannot be written (a full disk, an I/O error).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnAuditFailure {
     /// Refuse it: calls get a clear error and nothing unaudited reaches the gateway.
@@ -707,6 +709,10 @@ async fn tls_failed(
     info: crate::audit::record::Tls,
 ) -> Served {
     let (side, reason) = (e.side(), e.to_string());
+    crate::metrics::get()
+        .tls_failures
+        .with_label_values(&[side, e.reason_class()])
+        .inc();
     tracing::warn!(side, %reason, sni = ?info.sni, "a TLS handshake failed");
     conn.connection.tls = Some(info.clone());
     let process = conn.process();

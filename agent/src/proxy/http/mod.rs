@@ -356,6 +356,7 @@ async fn handle(
         },
         &conn.connection.original_dst,
     );
+    count_calls(&plan);
     // Correlation uses the path as sent; the record keeps it masked.
     let session = session_key(http.session_id.as_deref(), &http.path);
     records::mask_http(&active, &mut http);
@@ -470,6 +471,9 @@ async fn handle(
     // An HTTP/2 stream the client resets before its answer cancels the gateway's stream too
     // (dropping the call resets it). Over HTTP/1.1 the request is already on its way and the
     // connection is the client's alone: the answer is still awaited and recorded.
+    crate::metrics::get()
+        .request_added_seconds
+        .observe(t0.elapsed().as_secs_f64());
     let sent = if stream.is_some() {
         tokio::select! {
             sent = gateway.send(upstream_req) => sent,
@@ -506,6 +510,7 @@ async fn handle(
             return respond::gateway_failed(&ids, batch, &why);
         }
     };
+    let got_head = Instant::now();
     let first_byte_us = t0.elapsed().as_micros() as u64;
     http.status = Some(resp.status().as_u16());
     http.content_type = header(resp.headers(), CONTENT_TYPE.as_str());
@@ -552,13 +557,31 @@ async fn handle(
     };
     conn.parts.tracker.spawn(observed.run(rx));
     let tee = tee::Tee::new(rbody, tx);
-    match (wire, resp_codings) {
+    let response = match (wire, resp_codings) {
         (true, Ok(codings)) => {
             wire_response(rparts, tee, &active, &response_type, &codings, limit).await
         }
         // A coding the proxy cannot undo cannot be rewritten either: it passes as it came, and
         // the observer records that it could not be read.
         _ => Response::from_parts(rparts, tee.boxed_unsync()),
+    };
+    crate::metrics::get()
+        .response_added_seconds
+        .observe(got_head.elapsed().as_secs_f64());
+    response
+}
+
+/// Counts the client's requests and notifications by method and what the access rules said.
+fn count_calls(plan: &Plan) {
+    let calls = &crate::metrics::get().calls;
+    for item in &plan.items {
+        let Ok(m) = &item.message else { continue };
+        if !matches!(m.kind, Kind::Request | Kind::Notification) {
+            continue;
+        }
+        let method = crate::metrics::method_label(m.method.as_deref().unwrap_or(""));
+        let decision = item.decision.as_ref().map_or("none", |d| d.action.as_str());
+        calls.with_label_values(&[method, decision]).inc();
     }
 }
 

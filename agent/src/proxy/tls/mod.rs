@@ -81,6 +81,52 @@ impl TlsError {
     }
 }
 
+impl TlsError {
+    /// The failure in a word from a short, fixed list: a metric label that a client cannot
+    /// grow without bound, unlike the message.
+    pub fn reason_class(&self) -> &'static str {
+        let text = match self {
+            TlsError::Hello(_) => return "bad_hello",
+            TlsError::HelloTimeout(_) => return "hello_timeout",
+            TlsError::HelloIo(_) => return "hello_io",
+            TlsError::NameNotPermitted(_) => return "name_not_permitted",
+            TlsError::Roots { .. }
+            | TlsError::ClientKeyOpen { .. }
+            | TlsError::ClientCert { .. } => {
+                return "configuration";
+            }
+            TlsError::CaFile { .. }
+            | TlsError::CaKeyOpen { .. }
+            | TlsError::Ca(_)
+            | TlsError::NoCa(_) => {
+                return "host_ca";
+            }
+            TlsError::Upstream(t) | TlsError::Client(t) => t,
+        };
+        if text.contains("UnknownIssuer") {
+            "unknown_issuer"
+        } else if text.contains("UnknownCA")
+            || text.contains("unknown ca")
+            || text.contains("BadCertificate")
+        {
+            "client_distrusts_host_ca"
+        } else if text.contains("Expired") {
+            "expired"
+        } else if text.contains("NotValidForName") {
+            "name_mismatch"
+        } else if text.contains(CERTIFICATE_REQUIRED)
+            || text.contains("CertificateRequired")
+            || text.contains("certificate required")
+        {
+            "certificate_required"
+        } else if text.contains("timed out") || text.contains("did not") {
+            "timeout"
+        } else {
+            "handshake"
+        }
+    }
+}
+
 /// What the agent keeps for TLS: the host CA, the roots gateways are checked against, and
 /// the mode when no `[[tls.gateways]]` entry says.
 pub struct TlsContext {
