@@ -540,10 +540,12 @@ impl Agent {
         inside: bool,
         level: &str,
     ) -> Agent {
-        Self::start_env(state_dir, cgroup, targets, extra, inside, level, &[])
+        Self::start_env(state_dir, cgroup, targets, extra, inside, level, &[], &[])
     }
 
-    /// Like `start_logging`, with more environment variables for the agent.
+    /// Like `start_logging`, with more environment variables for the agent, and started
+    /// through `wrapper` (a program and its arguments, `setpriv ...`) when one is given.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_env(
         state_dir: &Path,
         cgroup: &TestCgroup,
@@ -552,6 +554,7 @@ impl Agent {
         inside: bool,
         level: &str,
         env: &[(&str, &str)],
+        wrapper: &[String],
     ) -> Agent {
         let listen_port = match extra.iter().position(|a| *a == "--listen-port") {
             Some(i) => extra[i + 1].parse().expect("--listen-port takes a number"),
@@ -560,6 +563,10 @@ impl Agent {
         let bin = agent_bin();
         let mut cmd = if inside {
             cgroup.command(bin.to_str().expect("UTF-8 path"))
+        } else if let Some((program, args)) = wrapper.split_first() {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(&bin);
+            cmd
         } else {
             Command::new(&bin)
         };

@@ -435,6 +435,7 @@ fn systemd_is_told_ready_watchdog_and_stopping() {
             ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
             ("WATCHDOG_USEC", "400000"),
         ],
+        &[],
     );
     let mut buf = [0u8; 512];
     let mut next = || {
@@ -457,4 +458,273 @@ fn systemd_is_told_ready_watchdog_and_stopping() {
         }
     }
     assert!(rest.iter().any(|m| m == "STOPPING=1"), "{rest:?}");
+}
+
+/// The capabilities the packaged unit grants (`AmbientCapabilities=`), read from the unit.
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(tests_dir().join("../packaging/mcptrail.service")).unwrap();
+    unit.lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("AmbientCapabilities in the unit")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `setpriv` as a non-root uid with exactly `caps` (effective, ambient and bounding).
+fn setpriv(uid: u32, caps: &[String]) -> Vec<String> {
+    let mut set = "-all".to_owned();
+    for c in caps {
+        set.push_str(",+");
+        set.push_str(&c.trim_start_matches("CAP_").to_lowercase());
+    }
+    [
+        "setpriv".to_owned(),
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".to_owned(),
+        format!("--inh-caps={set}"),
+        format!("--ambient-caps={set}"),
+        format!("--bounding-set={set}"),
+        "--".to_owned(),
+    ]
+    .to_vec()
+}
+
+/// A uid no account on the host has: the service user of the test.
+const AGENT_UID: u32 = 61811;
+
+#[test]
+fn a_non_root_agent_with_exactly_the_units_capabilities_audits_end_to_end() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let caps = unit_capabilities();
+    assert_eq!(
+        caps,
+        [
+            "CAP_BPF",
+            "CAP_PERFMON",
+            "CAP_NET_ADMIN",
+            "CAP_SYS_PTRACE",
+            "CAP_DAC_READ_SEARCH"
+        ]
+    );
+    let work = tempfile::tempdir().unwrap();
+    // The state directory belongs to the service user, as systemd's StateDirectory= makes it.
+    let state = work.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    nix::unistd::chown(&state, Some(AGENT_UID.into()), Some(AGENT_UID.into())).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Root-only files the agent must read: the policy and the brokered secret.
+    let port = free_port();
+    let secrets = work.path().join("secrets.toml");
+    std::fs::write(&secrets, "gateway = \"gw-least-privilege\"\n").unwrap();
+    let policy = work.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version = 1\nname = \"least-privilege\"\n\n[brokering]\nsecrets_file = \"{}\"\n\n\
+             [[brokering.headers]]\ndestination = \"127.0.0.1:{port}\"\nheader = \"x-gateway-key\"\nsecret = \"gateway\"\n",
+            secrets.display()
+        ),
+    )
+    .unwrap();
+    for f in [&secrets, &policy] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let _server = mcp_server(port, &[]);
+    let cgroup = TestCgroup::new("service-caps");
+    let extra = ["--policy", policy.to_str().unwrap(), "--metrics-listen", ""];
+    let mut agent = Agent::start_env(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{port}")],
+        &extra,
+        false,
+        "info",
+        &[],
+        &setpriv(AGENT_UID, &caps),
+    );
+    let uid = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|u| u.split_whitespace().next().unwrap().to_owned())
+        })
+        .unwrap();
+    assert_eq!(
+        uid,
+        AGENT_UID.to_string(),
+        "the agent runs as the service user"
+    );
+
+    // A real SDK client, as root, in a CI job: attributed in full, brokered, recorded.
+    let out = cgroup
+        .command(mcp_python().to_str().unwrap())
+        .arg(fixture("mcp_client.py"))
+        .arg(format!("http://127.0.0.1:{port}/mcp"))
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_RUN_ID", "4242")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = wait_for_record(
+        &state,
+        Duration::from_secs(10),
+        "of a tools/call",
+        |r| matches!(&r.event, Event::Mcp(e) if e.method.as_deref() == Some("tools/call")),
+    );
+    let Event::Mcp(call) = rec.event else {
+        unreachable!()
+    };
+    let p = &call.process;
+    assert_eq!(p.enrichment_error, None, "{p:?}");
+    assert!(
+        p.exe.as_deref().is_some_and(|e| e.contains("python")),
+        "{p:?}"
+    );
+    assert!(!p.parents.is_empty(), "{p:?}");
+    let ci = p.ci.as_ref().unwrap_or_else(|| panic!("no CI job: {p:?}"));
+    assert_eq!(ci.run.as_deref(), Some("4242"));
+    assert_eq!(call.http.brokered, ["x-gateway-key"]);
+    assert!(agent.stop().success(), "{}", agent.log());
+    assert_verifies(&state);
+
+    // Without any one of them, the agent refuses to start and says which and why.
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let wrapper = setpriv(AGENT_UID, &fewer);
+        let out = Command::new(&wrapper[0])
+            .args(&wrapper[1..])
+            .arg(agent_bin())
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["run", "--cgroup"])
+            .arg(&cgroup.path)
+            .args(["--target", &format!("127.0.0.1:{port}")])
+            .args(["--listen-port", &free_port().to_string()])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started without {missing}: {err}");
+        assert!(
+            err.contains(&format!("lacks {missing} (")) && err.contains("AmbientCapabilities="),
+            "without {missing}: {err}"
+        );
+    }
+}
+
+#[test]
+fn doctor_checks_the_host_and_the_agent_and_fails_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let (live, dead) = (free_port(), free_port());
+    let _echo = jsonrpc_echo(live);
+    let config = work.path().join("mcptrail.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[intercept]\ntargets = [\"127.0.0.1:{live}\", \"127.0.0.1:{dead}\"]\n[trail]\nretain_mb = 64\n"
+        ),
+    )
+    .unwrap();
+    let state = work.path().join("state");
+    let doctor = || {
+        let out = mcptrail(
+            &state,
+            &[
+                "doctor",
+                "--config",
+                config.to_str().unwrap(),
+                "--connect-timeout",
+                "1",
+            ],
+        );
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let line = |report: &str, start: &str| -> String {
+        report
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line starting {start:?} in\n{report}"))
+            .to_owned()
+    };
+
+    // No agent yet: that is the failure, with the fix.
+    let (passed, report) = doctor();
+    assert!(!passed, "{report}");
+    for ok in [
+        "ok   kernel",
+        "ok   cgroup2",
+        "ok   bpffs",
+        "ok   capabilities",
+    ] {
+        line(&report, ok);
+    }
+    assert!(
+        line(&report, "FAIL agent").contains("not running"),
+        "{report}"
+    );
+    assert!(report.contains("systemctl start mcptrail"), "{report}");
+    assert!(
+        line(&report, &format!("ok   gateway        127.0.0.1:{live}")).contains("accepts"),
+        "{report}"
+    );
+    assert!(
+        line(&report, &format!("FAIL gateway        127.0.0.1:{dead}")).contains("unreachable"),
+        "{report}"
+    );
+
+    let cgroup = TestCgroup::new("service-doctor");
+    let _agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &[],
+        &["--config", config.to_str().unwrap(), "--metrics-listen", ""],
+        false,
+    );
+    let (_, report) = doctor();
+    assert!(
+        line(&report, "ok   agent").contains("running: pid"),
+        "{report}"
+    );
+    line(&report, "ok   bypassing");
+    assert!(
+        line(&report, "ok   state dir").contains("mode 0700"),
+        "{report}"
+    );
+    assert!(
+        line(&report, "ok   disk").contains("of its 64 MiB"),
+        "{report}"
+    );
+
+    // A connection to a target from outside the watched cgroup goes around the agent.
+    let around = std::net::TcpStream::connect(("127.0.0.1", live)).unwrap();
+    // A state directory others can read.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (passed, report) = doctor();
+    assert!(!passed);
+    assert!(
+        line(&report, "FAIL bypassing").contains("1 connection"),
+        "{report}"
+    );
+    assert!(
+        line(&report, "FAIL state dir").contains("mode 0755"),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("fix: `chmod 700 {}`", state.display())),
+        "{report}"
+    );
+    drop(around);
 }

@@ -4,6 +4,7 @@
 //! `run` and `test` call it first, so the README's two commands are the whole set-up.
 #![forbid(unsafe_code)]
 
+mod dist;
 mod setup;
 mod test;
 
@@ -50,6 +51,10 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Set up, then build the release package: TARGET/dist/mcptrail_VERSION_ARCH.deb and a
+    /// tarball with the same files (binary with its eBPF object, unit, default configuration,
+    /// README).
+    Dist,
     /// Set up, build, and show mcptrail at work (root): a real MCP server, the agent on a
     /// child cgroup of its own, a real MCP client, the trail they leave, and its verification.
     Demo,
@@ -109,6 +114,10 @@ fn main() -> anyhow::Result<()> {
                 args,
                 &[("MCPTRAIL_BIN", agent.as_os_str())],
             )
+        }
+        Task::Dist => {
+            setup::run()?;
+            dist::run().map(|_| ())
         }
         Task::Demo => {
             setup::run()?;

@@ -44,10 +44,14 @@ pub fn run() -> anyhow::Result<()> {
         crate::fuzz(target, 10)?;
     }
     let bin = build()?;
+    // The package the tests install into a scratch root (tests/tests/package.rs).
+    let dist = crate::dist::run()?;
     run_checked(
         cargo()
             .args(["test", "--workspace", "--exclude", "agent-ebpf"])
-            .env("MCPTRAIL_BIN", &bin),
+            .env("MCPTRAIL_BIN", &bin)
+            .env("MCPTRAIL_DEB", &dist.deb)
+            .env("MCPTRAIL_TARBALL", &dist.tarball),
     )?;
     // The demo, exactly as `cargo xtask demo` starts it (a few seconds): the README's first
     // look cannot break unnoticed. The tests above find their fixtures through cargo test's

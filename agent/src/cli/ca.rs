@@ -9,7 +9,7 @@ use crate::policy::Policy;
 use crate::proxy::tls::ca::{self, HostCa};
 
 /// Where Debian-family hosts keep local CAs for `update-ca-certificates`.
-const SYSTEM_CA_DIR: &str = "/usr/local/share/ca-certificates";
+pub const SYSTEM_CA_DIR: &str = "/usr/local/share/ca-certificates";
 /// The bundle `update-ca-certificates` writes (what OpenSSL, curl, Go and rustls-native read).
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -40,7 +40,7 @@ pub enum CaCommand {
     },
 }
 
-fn installed_name(pem: &str) -> String {
+pub fn installed_name(pem: &str) -> String {
     use sha2::Digest as _;
     format!(
         "mcptrail-{}.crt",

@@ -6,11 +6,13 @@ mod approvals;
 mod ca;
 pub mod config;
 mod detach;
+mod doctor;
 mod export;
 mod filter;
 mod key;
 mod out;
 mod policy;
+mod privileges;
 pub mod run;
 mod service;
 mod show;
@@ -81,6 +83,10 @@ pub enum Command {
     /// The host CA that TLS termination signs clients' leaves with: export, install in the
     /// system store, uninstall, rotate.
     Ca(ca::CaArgs),
+    /// Check this host and the running agent: kernel and BPF, cgroup2, bpffs, capabilities,
+    /// the state directory, disk, the host CA, the gateways, bypassing connections, failing
+    /// TLS clients. One line per check with the fix; exit status 1 when one fails.
+    Doctor(doctor::DoctorArgs),
     /// The agent's configuration file: check it as `run` would read it.
     Config(config::ConfigArgs),
     /// Check a policy file, or try it on a message without traffic.
@@ -150,6 +156,7 @@ fn dispatch(state_dir: &std::path::Path, command: Command) -> anyhow::Result<()>
         Command::Key(args) => key::run(state_dir, args),
         Command::Ca(args) => ca::run(state_dir, args),
         Command::Config(args) => config::run(args),
+        Command::Doctor(args) => doctor::run(state_dir, args),
         Command::Policy(args) => policy::run(state_dir, args),
         Command::Approvals(args) => approvals::list(state_dir, args),
         Command::Approve(args) => approvals::decide(state_dir, args, true),

@@ -361,12 +361,8 @@ pub fn run(state_dir: &Path, configured: Configured) -> anyhow::Result<()> {
     if let Some(src) = &source {
         tracing::info!(config = %src.path.display(), "settings read from the configuration file (flags given on the command line win)");
     }
-    if !nix::unistd::geteuid().is_root() {
-        bail!(
-            "`mcptrail run` must run as root: it loads eBPF programs and keeps a root-only trail in {}",
-            state_dir.display()
-        );
-    }
+    // Root, or a service granted exactly the capabilities it needs (packaging/mcptrail.service).
+    super::privileges::check()?;
     // Read the policy and the targets file before anything is attached, so a bad file stops
     // the start.
     args.check()?;
