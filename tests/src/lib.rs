@@ -583,6 +583,11 @@ impl Agent {
         if !extra.contains(&"--listen-port") {
             cmd.arg("--listen-port").arg(listen_port.to_string());
         }
+        // Agents run side by side in the tests: none takes the default metrics port unless
+        // the test asks for metrics (a flag, or its configuration file).
+        if !extra.contains(&"--metrics-listen") && !extra.contains(&"--config") {
+            cmd.args(["--metrics-listen", ""]);
+        }
         cmd.args(extra);
         let mut child = cmd
             .env("MCPTRAIL_LOG", level)

@@ -222,7 +222,16 @@ fn the_package_installs_upgrades_and_purges_in_a_scratch_root() {
     let mut edited = std::fs::read_to_string(&config).unwrap();
     edited.push_str("\n# edited by the operator\n");
     std::fs::write(&config, &edited).unwrap();
+    // An operator disabled the unit: the upgrade leaves it disabled.
+    ok(Command::new("systemctl")
+        .arg(format!("--root={}", root.display()))
+        .args(["disable", "mcptrail.service"]));
+    assert!(std::fs::symlink_metadata(&wants).is_err());
     dpkg(&root, &["--install", "--force-confold"], Some(&deb));
+    assert!(
+        std::fs::symlink_metadata(&wants).is_err(),
+        "the upgrade enabled a unit the operator disabled"
+    );
     assert_eq!(std::fs::read_to_string(&config).unwrap(), edited);
     assert_eq!(
         std::fs::read_to_string(state.join("trail/CURRENT")).unwrap(),

@@ -3,7 +3,7 @@
 //! hold no secret, and the systemd notifications (`Type=notify`) it sends.
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use mcptrail::audit::Event;
@@ -595,12 +595,14 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_audits_end_to_end() {
     assert!(agent.stop().success(), "{}", agent.log());
     assert_verifies(&state);
 
-    // Without any one of them, the agent refuses to start and says which and why.
-    for missing in &caps {
+    // Without any one of them, the agent refuses to start and says which and why; and with
+    // that check skipped, the kernel (or /proc, or a root-only file) shows each is needed.
+    let run_without = |missing: &str, unchecked: bool| -> Output {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
         let wrapper = setpriv(AGENT_UID, &fewer);
-        let out = Command::new(&wrapper[0])
-            .args(&wrapper[1..])
+        Command::new("timeout")
+            .arg("20")
+            .args(&wrapper)
             .arg(agent_bin())
             .arg("--state-dir")
             .arg(&state)
@@ -609,8 +611,12 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_audits_end_to_end() {
             .args(["--target", &format!("127.0.0.1:{port}")])
             .args(["--listen-port", &free_port().to_string()])
             .args(extra)
+            .env(UNCHECKED, if unchecked { "1" } else { "0" })
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    for missing in &caps {
+        let out = run_without(missing, false);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "started without {missing}: {err}");
         assert!(
@@ -618,7 +624,70 @@ fn a_non_root_agent_with_exactly_the_units_capabilities_audits_end_to_end() {
             "without {missing}: {err}"
         );
     }
+    for (missing, refusal) in [
+        ("CAP_BPF", "failed to create map"),
+        ("CAP_PERFMON", "BPF_PROG_LOAD"),
+        ("CAP_NET_ADMIN", "Operation not permitted"),
+        ("CAP_DAC_READ_SEARCH", "cannot read the policy file"),
+    ] {
+        let out = run_without(missing, true);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(124), "ran without {missing}: {err}");
+        assert!(!out.status.success(), "started without {missing}: {err}");
+        assert!(err.contains(refusal), "without {missing}: {err}");
+    }
+    // Without CAP_SYS_PTRACE the agent runs, but cannot say which executable called.
+    let fewer: Vec<String> = caps
+        .iter()
+        .filter(|c| *c != "CAP_SYS_PTRACE")
+        .cloned()
+        .collect();
+    let agent = Agent::start_env(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{port}")],
+        &extra,
+        false,
+        "info",
+        &[(UNCHECKED, "1")],
+        &setpriv(AGENT_UID, &fewer),
+    );
+    let out = cgroup
+        .command("python3")
+        .arg(fixture("post_jsonrpc.py"))
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .arg(r#"--body={"jsonrpc":"2.0","id":9,"method":"ping"}"#)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = wait_for_record(
+        &state,
+        Duration::from_secs(10),
+        "of the ping",
+        |r| matches!(&r.event, Event::Mcp(e) if e.method.as_deref() == Some("ping")),
+    );
+    let Event::Mcp(ping) = rec.event else {
+        unreachable!()
+    };
+    assert_eq!(ping.process.exe, None);
+    assert!(
+        ping.process
+            .enrichment_error
+            .as_deref()
+            .is_some_and(|e| e.contains("Permission denied")),
+        "{:?}",
+        ping.process
+    );
+    drop(agent);
 }
+
+/// The variable that skips the agent's capability check (agent/src/cli/privileges.rs).
+const UNCHECKED: &str = "MCPTRAIL_UNCHECKED_CAPABILITIES";
 
 #[test]
 fn doctor_checks_the_host_and_the_agent_and_fails_with_the_fix() {

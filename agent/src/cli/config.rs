@@ -238,34 +238,40 @@ pub const LIVE_SETTINGS: &[&str] = &[
     "retain_mb",
 ];
 
-/// The settings that differ between `old` and `new` and need a restart to take effect.
-pub fn restart_needed(old: &RunArgs, new: &RunArgs) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    macro_rules! cmp {
-        ($($field:ident),*) => {
+/// The settings a SIGHUP does not apply: the list, and the comparison, from one list of
+/// fields, so they cannot drift apart.
+macro_rules! restart_settings {
+    ($($field:ident),* $(,)?) => {
+        /// The settings that take effect only at the next start.
+        pub const RESTART_SETTINGS: &[&str] = &[$(stringify!($field)),*];
+
+        /// The settings that differ between `old` and `new` and need a restart to take effect.
+        pub fn restart_needed(old: &RunArgs, new: &RunArgs) -> Vec<&'static str> {
+            let mut out = Vec::new();
             $(if old.$field != new.$field { out.push(stringify!($field)); })*
-        };
-    }
-    cmp!(
-        listen_port,
-        cgroup,
-        upstream_mark,
-        origin_map_size,
-        fail_mode,
-        checkpoint_every,
-        checkpoint_interval,
-        durability,
-        on_audit_failure,
-        buffered_window_ms,
-        capture_limit,
-        connect_timeout,
-        tls_mode,
-        upstream_ca,
-        shutdown_grace,
-        metrics_listen
-    );
-    out
+            out
+        }
+    };
 }
+
+restart_settings!(
+    listen_port,
+    cgroup,
+    upstream_mark,
+    origin_map_size,
+    fail_mode,
+    checkpoint_every,
+    checkpoint_interval,
+    durability,
+    on_audit_failure,
+    buffered_window_ms,
+    capture_limit,
+    connect_timeout,
+    tls_mode,
+    upstream_ca,
+    shutdown_grace,
+    metrics_listen,
+);
 
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
@@ -406,6 +412,26 @@ mod tests {
         file.apply(&mut args, &explicit);
         let t: Vec<String> = args.targets.iter().map(ToString::to_string).collect();
         assert_eq!(t, ["10.1.1.1:8811"], "--target replaces the file's targets");
+    }
+
+    #[test]
+    fn every_run_setting_is_either_live_or_waits_for_a_restart() {
+        use clap::CommandFactory;
+        let cli = crate::cli::Cli::command();
+        let run = cli.find_subcommand("run").unwrap();
+        let ids: BTreeSet<String> = run
+            .get_arguments()
+            .map(|a| a.get_id().as_str().to_owned())
+            .filter(|id| !["config", "help", "state_dir", "log_format"].contains(&id.as_str()))
+            .collect();
+        let live: BTreeSet<String> = LIVE_SETTINGS.iter().map(|s| s.to_string()).collect();
+        let restart: BTreeSet<String> = RESTART_SETTINGS.iter().map(|s| s.to_string()).collect();
+        assert!(live.is_disjoint(&restart));
+        let both: BTreeSet<String> = live.union(&restart).cloned().collect();
+        assert_eq!(
+            ids, both,
+            "a `run` flag that SIGHUP neither applies nor reports"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `mcptrail doctor`: is this host ready for the agent, and is the agent doing its job? Each
 //! check prints one verdict line and, when something is wrong, the fix. Exit status 1 when any
-//! check fails (a warning alone does not fail).
+//! check fails (a warning alone does not fail). It runs as root: the agent's control socket,
+//! its capabilities and its keys are root's to look at.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -156,14 +157,20 @@ fn bpffs() -> Check {
     }
 }
 
-fn capabilities() -> Check {
-    let effective = match caps::read(None, caps::CapSet::Effective) {
+/// The running agent's capabilities when there is one (`pid`), else this process's: what
+/// `mcptrail run` would have if started from here.
+fn capabilities(pid: Option<i32>) -> Check {
+    let whose = match pid {
+        Some(p) => format!("the agent (pid {p})"),
+        None => "this process (no agent runs)".to_owned(),
+    };
+    let effective = match caps::read(pid, caps::CapSet::Effective) {
         Ok(e) => e,
         Err(e) => {
             return Check::bad(
                 "capabilities",
                 Verdict::Fail,
-                format!("cannot read them: {e}"),
+                format!("cannot read those of {whose}: {e}"),
                 "run doctor as root",
             );
         }
@@ -172,14 +179,14 @@ fn capabilities() -> Check {
     if missing.is_empty() {
         Check::ok(
             "capabilities",
-            "this process has every capability `mcptrail run` needs",
+            format!("{whose} has every capability `mcptrail run` needs"),
         )
     } else {
         let names: Vec<String> = missing.iter().map(|(c, _)| c.to_string()).collect();
         Check::bad(
             "capabilities",
             Verdict::Fail,
-            format!("missing {}", names.join(", ")),
+            format!("{whose} lacks {}", names.join(", ")),
             "run the agent as root or as the packaged unit does (AmbientCapabilities in mcptrail.service)",
         )
     }
@@ -230,7 +237,27 @@ fn state_dir_check(state_dir: &Path) -> Check {
         );
     }
     let keys = state_dir.join(crate::audit::keys::KEYS_DIR);
-    for entry in std::fs::read_dir(&keys).into_iter().flatten().flatten() {
+    let entries = match std::fs::read_dir(&keys) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Check::ok(
+                "state dir",
+                format!(
+                    "{} (mode {mode:04o}, owner {owner}; no keys yet)",
+                    state_dir.display()
+                ),
+            );
+        }
+        Err(e) => {
+            return Check::bad(
+                "state dir",
+                Verdict::Warn,
+                format!("cannot read {}: {e}", keys.display()),
+                "run doctor as root to check the keys' modes",
+            );
+        }
+    };
+    for entry in entries.flatten() {
         let Ok(m) = entry.metadata() else { continue };
         // Certificates (`.pem`) are public; every other file there is a private key.
         let public = entry.path().extension().is_some_and(|e| e == "pem");
@@ -449,8 +476,8 @@ fn dial(addr: std::net::SocketAddr, mark: u32, timeout: Duration) -> std::io::Re
     socket.connect_timeout(&addr.into(), timeout)
 }
 
-fn agent(state_dir: &Path) -> Vec<Check> {
-    let status = match control::request(state_dir, &Request::Status) {
+fn agent(status: &Result<serde_json::Value, control::ControlError>) -> Vec<Check> {
+    let status = match status {
         Ok(s) => s,
         Err(e) => {
             return vec![Check::bad(
@@ -516,12 +543,18 @@ fn settings(config_file: Option<&Path>) -> anyhow::Result<RunArgs> {
 
 pub fn run(state_dir: &Path, args: DoctorArgs) -> anyhow::Result<()> {
     let settings = settings(args.config.as_deref())?;
+    let status = control::request(state_dir, &Request::Status);
+    let pid = status
+        .as_ref()
+        .ok()
+        .and_then(|s| s["pid"].as_i64())
+        .and_then(|p| i32::try_from(p).ok());
     let mut checks = vec![
         kernel(),
         btf(),
         cgroup2(),
         bpffs(),
-        capabilities(),
+        capabilities(pid),
         state_dir_check(state_dir),
         disk(state_dir, &settings),
     ];
@@ -530,7 +563,7 @@ pub fn run(state_dir: &Path, args: DoctorArgs) -> anyhow::Result<()> {
         &settings,
         Duration::from_secs(args.connect_timeout.max(1)),
     ));
-    checks.extend(agent(state_dir));
+    checks.extend(agent(&status));
     for c in &checks {
         println!("{c}");
     }

@@ -44,7 +44,9 @@ const PENDING_RETRY: Duration = Duration::from_secs(1);
 pub const DEFAULT_UPSTREAM_MARK: u32 = 0x6d63_7472;
 
 /// `mcptrail run --help`.
-pub const LONG_ABOUT: &str = "Run the agent (as root). It loads the eBPF programs, attaches them \
+pub const LONG_ABOUT: &str = "Run the agent (as root, or with the capabilities the packaged \
+unit grants: CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_PTRACE CAP_DAC_READ_SEARCH). Settings come \
+from --config (default /etc/mcptrail/mcptrail.toml when it exists) under the flags given here. It loads the eBPF programs, attaches them \
 to the cgroup v2 root (or --cgroup), and from then on every new TCP connection to a target is \
 redirected to the local proxy, which attributes it (process, CI job, service token), applies the \
 policy (masking, access rules, approvals, brokered credentials), relays it to the gateway and \
@@ -303,6 +305,8 @@ pub struct ConfigSource {
     flags: RunArgs,
     explicit: config::Explicit,
     pub file: config::ConfigFile,
+    /// The `[log]` section the agent started with (logging is set up once).
+    log_in_force: config::Log,
 }
 
 impl ConfigSource {
@@ -324,26 +328,32 @@ impl ConfigSource {
 pub struct Configured {
     pub args: RunArgs,
     pub source: Option<ConfigSource>,
+    /// Whether the metrics address was chosen (flag or file) rather than left at the default.
+    pub metrics_explicit: bool,
 }
 
 impl Configured {
     pub fn new(flags: RunArgs, explicit: config::Explicit) -> anyhow::Result<Self> {
         let Some(path) = config::config_path(flags.config.as_deref()) else {
             return Ok(Configured {
+                metrics_explicit: explicit.has("metrics_listen"),
                 args: flags,
                 source: None,
             });
         };
         let file = config::ConfigFile::load(&path)?;
+        let metrics_explicit = explicit.has("metrics_listen") || file.metrics.listen.is_some();
         let source = ConfigSource {
             path,
             flags,
             explicit,
+            log_in_force: file.log.clone(),
             file,
         };
         Ok(Configured {
             args: source.effective(),
             source: Some(source),
+            metrics_explicit,
         })
     }
 
@@ -357,7 +367,11 @@ impl Configured {
 }
 
 pub fn run(state_dir: &Path, configured: Configured) -> anyhow::Result<()> {
-    let Configured { args, source } = configured;
+    let Configured {
+        args,
+        source,
+        metrics_explicit,
+    } = configured;
     if let Some(src) = &source {
         tracing::info!(config = %src.path.display(), "settings read from the configuration file (flags given on the command line win)");
     }
@@ -403,8 +417,11 @@ pub fn run(state_dir: &Path, configured: Configured) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let result = runtime.block_on(serve(
         state_dir,
-        args,
-        source,
+        Configured {
+            args,
+            source,
+            metrics_explicit,
+        },
         policy,
         audit,
         head.seq,
@@ -439,13 +456,17 @@ pub(super) fn all_targets(args: &RunArgs) -> anyhow::Result<Vec<Target>> {
 
 async fn serve(
     state_dir: &Path,
-    args: RunArgs,
-    source: Option<ConfigSource>,
+    configured: Configured,
     policy: Policy,
     audit: AuditLog,
     last_seq: u64,
     previous_run: Option<crate::audit::record::PreviousRun>,
 ) -> anyhow::Result<()> {
+    let Configured {
+        args,
+        source,
+        metrics_explicit,
+    } = configured;
     let listen4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, args.listen_port);
     let mut listeners = vec![proxy::bind(SocketAddr::V4(listen4)).await?];
     // IPv6 is optional: a host without ::1 still gets IPv4 interception, and the kernel side
@@ -464,8 +485,17 @@ async fn serve(
     let proxy_v6 = listeners.len() == 2;
     // Before anything is attached: a port in use stops the start with nothing to undo.
     let metrics_listener = match args.metrics_listen.0 {
-        Some(addr) => Some(crate::metrics::endpoint::bind(addr).await?),
         None => None,
+        Some(addr) => match crate::metrics::endpoint::bind(addr).await {
+            Ok(l) => Some(l),
+            // An address the operator chose must work; the default one is taken on a host
+            // that runs a second agent (or a test suite), and auditing matters more than it.
+            Err(e) if !metrics_explicit => {
+                tracing::warn!(error = %e, "no metrics endpoint: the default address is taken");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        },
     };
     crate::metrics::get().trail_head.set(last_seq as i64);
     let netns_cookie = crate::sys::netns_cookie(&listeners[0])
@@ -921,7 +951,6 @@ fn retention(args: &RunArgs) -> Retention {
 /// (`config::LIVE_SETTINGS`) into `args`; says which other settings changed and wait for a
 /// restart. A file that no longer loads keeps every setting in force.
 fn reread_config(src: &mut ConfigSource, args: &mut RunArgs) {
-    let old_log = src.file.log.clone();
     let new = match src.reload() {
         Ok(new) => new,
         Err(e) => {
@@ -933,7 +962,7 @@ fn reread_config(src: &mut ConfigSource, args: &mut RunArgs) {
         .into_iter()
         .map(str::to_owned)
         .collect();
-    if src.file.log != old_log {
+    if src.file.log != src.log_in_force {
         restart.push("log".to_owned());
     }
     if new.check().is_err() {

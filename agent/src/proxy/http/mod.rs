@@ -399,6 +399,8 @@ async fn handle(
         conn.parts.stats.blocked.fetch_add(1, Ordering::Relaxed);
         return respond::audit_down(&ids, batch);
     }
+    let held_since = Instant::now();
+    let is_held = matches!(action, Action::Hold(_));
     let refusal = match action {
         Action::Refuse(r) => Some(r),
         Action::Hold(_) => hold_for_approval(
@@ -413,6 +415,12 @@ async fn handle(
         .err()
         .map(Refusal::Policy),
         Action::Forward | Action::Plain => None,
+    };
+    // The agent's share: the wait for an operator's approval is not time the agent added.
+    let waited = if is_held {
+        held_since.elapsed()
+    } else {
+        std::time::Duration::ZERO
     };
     if let Some(refusal) = refusal {
         if matches!(refusal, Refusal::Unparsed(_)) {
@@ -473,7 +481,7 @@ async fn handle(
     // connection is the client's alone: the answer is still awaited and recorded.
     crate::metrics::get()
         .request_added_seconds
-        .observe(t0.elapsed().as_secs_f64());
+        .observe(t0.elapsed().saturating_sub(waited).as_secs_f64());
     let sent = if stream.is_some() {
         tokio::select! {
             sent = gateway.send(upstream_req) => sent,
