@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod cli;
 pub mod control;
+pub mod export;
 pub mod identity;
 pub mod intercept;
 pub mod mcp;

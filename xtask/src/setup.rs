@@ -29,8 +29,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// The Python packages of the end-to-end tests, pinned: the official MCP SDK (server and
 /// client), and for HTTP/2 the `h2` package (httpx's HTTP/2, the SDK client's) and hypercorn
-/// (an ASGI server that speaks h2, for the SDK's server app).
-const PYTHON_PACKAGES: [&str; 3] = ["mcp==2.3.0", "h2==4.4.1", "hypercorn==0.18.0"];
+/// (an ASGI server that speaks h2, for the SDK's server app); the official OTLP protobuf schema
+/// for the test collector that receives the agent's export.
+const PYTHON_PACKAGES: [&str; 4] = [
+    "mcp==2.3.0",
+    "h2==4.4.1",
+    "hypercorn==0.18.0",
+    "opentelemetry-proto==1.45.2",
+];
 
 /// The npm packages of the end-to-end tests, pinned: the official TypeScript MCP SDK (a
 /// Node.js client in the TLS and HTTP/2 tests), and undici, whose fetch that client uses to
@@ -109,7 +115,9 @@ fn mcp_sdk() -> anyhow::Result<()> {
             .args(["install", "--quiet", "--disable-pip-version-check"])
             .args(PYTHON_PACKAGES),
     )
-    .context("installing the MCP SDK, h2 and hypercorn for the end-to-end tests")
+    .context(
+        "installing the MCP SDK, h2, hypercorn and opentelemetry-proto for the end-to-end tests",
+    )
 }
 
 /// The TypeScript SDK in ~/.local/share/mcptrail/node (the tests put its node_modules on

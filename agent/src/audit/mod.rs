@@ -15,6 +15,7 @@ pub mod reader;
 pub mod record;
 pub mod store;
 pub mod verify;
+pub mod verify_export;
 
 use std::path::PathBuf;
 

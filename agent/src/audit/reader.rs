@@ -178,6 +178,28 @@ impl Reader {
         Ok(out)
     }
 
+    /// The checkpoints from sequence number `from` on, in order (what an exporter has not
+    /// sent yet); entries that do not parse are returned as errors in place.
+    pub fn checkpoints_from(&self, from: u64) -> Result<Vec<StoredCheckpoint>, AuditError> {
+        let Some(cf) = self.db.cf_handle(CF_CHECKPOINTS) else {
+            return Ok(Vec::new());
+        };
+        let start = seq_key(from);
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(&cf, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (key, value) = item.map_err(AuditError::Read)?;
+            let seq = key_seq(&key).unwrap_or(0);
+            out.push((
+                seq,
+                serde_json::from_slice(&value).map_err(|e| e.to_string()),
+            ));
+        }
+        Ok(out)
+    }
+
     /// The signed retention anchor, if retention ever removed records; Err when it does not
     /// parse.
     pub fn anchor(&self) -> Result<Option<Result<Checkpoint, String>>, AuditError> {

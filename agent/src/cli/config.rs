@@ -48,6 +48,26 @@ pub struct ConfigFile {
     pub metrics: Metrics,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub export: Export,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    pub otlp: Option<Otlp>,
+}
+
+/// `[export.otlp]`: the agent's own exporter to an OpenTelemetry collector.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Otlp {
+    pub endpoint: Option<String>,
+    pub headers_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cursor: Option<String>,
+    pub batch_records: Option<usize>,
+    pub batch_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
@@ -190,6 +210,14 @@ impl ConfigFile {
         take!(self.tls.mode, tls_mode);
         take!(self.tls.upstream_ca, upstream_ca);
         take!(self.metrics.listen, metrics_listen);
+        if let Some(o) = &self.export.otlp {
+            take_some!(o.endpoint, export_otlp);
+            take_some!(o.headers_file, export_otlp_headers_file);
+            take_some!(o.ca_file, export_otlp_ca_file);
+            take!(o.cursor, export_otlp_cursor);
+            take!(o.batch_records, export_otlp_batch_records);
+            take!(o.batch_bytes, export_otlp_batch_bytes);
+        }
     }
 }
 
@@ -271,6 +299,12 @@ restart_settings!(
     upstream_ca,
     shutdown_grace,
     metrics_listen,
+    export_otlp,
+    export_otlp_headers_file,
+    export_otlp_ca_file,
+    export_otlp_cursor,
+    export_otlp_batch_records,
+    export_otlp_batch_bytes,
 );
 
 #[derive(Debug, Args)]
@@ -351,6 +385,9 @@ mod tests {
         assert!(all.tls.mode.is_some() && all.tls.upstream_ca.is_some());
         assert!(all.metrics.listen.is_some());
         assert!(all.log.format.is_some() && all.log.level.is_some());
+        let o = all.export.otlp.as_ref().expect("[export.otlp]");
+        assert!(o.endpoint.is_some() && o.headers_file.is_some() && o.ca_file.is_some());
+        assert!(o.cursor.is_some() && o.batch_records.is_some() && o.batch_bytes.is_some());
     }
 
     #[test]

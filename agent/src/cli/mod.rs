@@ -7,7 +7,7 @@ mod ca;
 pub mod config;
 mod detach;
 mod doctor;
-mod export;
+pub mod export;
 mod filter;
 mod key;
 mod out;

@@ -178,6 +178,32 @@ pub struct RunArgs {
     /// Where Prometheus scrapes `/metrics` (ADDR:PORT); an empty value turns the endpoint off.
     #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_METRICS_LISTEN)]
     pub metrics_listen: MetricsListen,
+
+    /// Ship the trail to this OpenTelemetry collector as OTLP/HTTP logs (`http(s)://HOST:PORT`),
+    /// at least once: from the trail after a persisted cursor, retried until taken. The data
+    /// plane never waits on it.
+    #[arg(long, value_name = "URL")]
+    pub export_otlp: Option<String>,
+
+    /// `Name: value` lines the collector wants (an auth token), mode 0600.
+    #[arg(long, value_name = "FILE")]
+    pub export_otlp_headers_file: Option<PathBuf>,
+
+    /// More CA certificates (PEM) for an https collector, besides the system's.
+    #[arg(long, value_name = "FILE")]
+    pub export_otlp_ca_file: Option<PathBuf>,
+
+    /// The export's cursor in STATE_DIR/cursors (its lag is in `status` and /metrics).
+    #[arg(long, value_name = "NAME", default_value = "otlp")]
+    pub export_otlp_cursor: String,
+
+    /// At most this many records per OTLP request.
+    #[arg(long, value_name = "N", default_value_t = crate::export::DEFAULT_BATCH_RECORDS)]
+    pub export_otlp_batch_records: usize,
+
+    /// About this many bytes per OTLP request, before compression.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::export::DEFAULT_BATCH_BYTES)]
+    pub export_otlp_batch_bytes: usize,
 }
 
 /// The metrics endpoint: loopback only unless the operator says otherwise.
@@ -242,6 +268,18 @@ impl RunArgs {
             None => Policy::embedded_default()?,
         };
         let targets = all_targets(self)?;
+        if let Some(endpoint) = &self.export_otlp {
+            crate::export::client::Target::new(
+                endpoint,
+                Vec::new(),
+                self.export_otlp_ca_file.as_deref(),
+                Duration::from_secs(1),
+            )?;
+            crate::export::cursor::Cursor::named(Path::new("/"), &self.export_otlp_cursor)?;
+            if let Some(f) = &self.export_otlp_headers_file {
+                crate::export::read_headers(f)?;
+            }
+        }
         for ca in &self.upstream_ca {
             std::fs::metadata(ca).with_context(|| {
                 format!("the upstream CA bundle {} (--upstream-ca)", ca.display())
@@ -271,6 +309,13 @@ impl RunArgs {
                 self.metrics_listen
                     .0
                     .map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics"))
+            ),
+            format!(
+                "export: {}",
+                self.export_otlp.as_deref().map_or_else(
+                    || "off".to_owned(),
+                    |e| format!("OTLP to {e} (cursor {})", self.export_otlp_cursor)
+                )
             ),
         ])
     }
@@ -608,18 +653,23 @@ async fn serve(
         mark: args.upstream_mark,
         fail_mode: args.fail_mode,
         pins: intercept::pins::instance_dir(state_dir),
+        cursors: crate::export::cursor::dir(state_dir),
     });
     let metrics_at = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(listener) = metrics_listener {
         let status = status.clone();
         let approvals = approvals.clone();
-        let cursors = state_dir.join("cursors");
+        let cursors = crate::export::cursor::dir(state_dir);
         tokio::spawn(crate::metrics::endpoint::serve(
             listener,
             Arc::new(move || status.scrape(approvals.list().len() as u64, &cursors)),
             stop_accepting.clone(),
         ));
     }
+    let exporter = match &args.export_otlp {
+        Some(endpoint) => Some(start_export(state_dir, &args, endpoint)?),
+        None => None,
+    };
     control::serve(
         state_dir,
         move |req, peer| match req {
@@ -693,7 +743,69 @@ async fn serve(
         .checkpoint()
         .await
         .context("signing the final checkpoint")?;
+    if let Some(exporter) = exporter {
+        exporter.finish().await;
+    }
     Ok(())
+}
+
+/// The agent's own OTLP exporter: a task that follows the trail until the stop, then one last
+/// pass (bounded in time) so the stop record and the final checkpoint leave with it.
+struct Exporter {
+    follow: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+    again: Box<dyn FnOnce(CancellationToken) -> tokio::task::JoinHandle<()> + Send>,
+}
+
+/// How long the last pass at a stop may take.
+const EXPORT_FINAL: Duration = Duration::from_secs(10);
+
+impl Exporter {
+    async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.follow.await;
+        let last = CancellationToken::new();
+        let pass = (self.again)(last.clone());
+        if tokio::time::timeout(EXPORT_FINAL, pass).await.is_err() {
+            last.cancel();
+            tracing::warn!(
+                "the collector did not take the last records within {EXPORT_FINAL:?}: they go at the next start (the cursor did not move)"
+            );
+        }
+    }
+}
+
+fn start_export(state_dir: &Path, args: &RunArgs, endpoint: &str) -> anyhow::Result<Exporter> {
+    let settings = super::export::otlp_settings(
+        state_dir,
+        endpoint,
+        &[],
+        args.export_otlp_headers_file.as_deref(),
+        args.export_otlp_ca_file.as_deref(),
+        args.export_otlp_batch_records,
+        args.export_otlp_batch_bytes,
+    )?;
+    let cursor = crate::export::cursor::Cursor::named(state_dir, &args.export_otlp_cursor)?;
+    let reader = Arc::new(crate::audit::Reader::open(state_dir)?);
+    let spawn = {
+        let (reader, cursor, settings) = (reader.clone(), cursor.clone(), settings.clone());
+        move |follow: bool, stop: CancellationToken| {
+            let (reader, cursor, settings) = (reader.clone(), cursor.clone(), settings.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::export::run(reader, cursor, settings, follow, stop).await {
+                    tracing::error!(error = %e, "the OTLP export stopped");
+                }
+            })
+        }
+    };
+    tracing::info!(endpoint, cursor = %args.export_otlp_cursor, "exporting the trail as OTLP logs");
+    let stop = CancellationToken::new();
+    let follow = spawn(true, stop.clone());
+    Ok(Exporter {
+        follow,
+        stop,
+        again: Box::new(move |token| spawn(false, token)),
+    })
 }
 
 /// An operator's decision on a held call, from the control socket. Only root may decide
@@ -1169,7 +1281,7 @@ fn export_lag(cursors: &Path, head: u64) -> Vec<crate::metrics::ExportLag> {
         let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
-        let Ok(at) = text.trim().parse::<u64>() else {
+        let Some(at) = crate::export::cursor::parse(&text).map(|p| p.record) else {
             continue;
         };
         let records = head.saturating_sub(at);
@@ -1203,6 +1315,7 @@ struct StatusSource {
     mark: u32,
     fail_mode: FailMode,
     pins: PathBuf,
+    cursors: PathBuf,
 }
 
 impl StatusSource {
@@ -1262,6 +1375,14 @@ impl StatusSource {
             "proxy_counters": self.stats.snapshot(),
             // Clients whose TLS handshakes failed (most likely: they do not trust the host CA).
             "tls_client_failures": *self.stats.tls_clients.lock().expect("tls clients lock"),
+            // Each export cursor's distance from the trail's head.
+            "export_lag": export_lag(
+                &self.cursors,
+                crate::metrics::get().trail_head.get().max(0) as u64,
+            )
+            .iter()
+            .map(|l| serde_json::json!({"cursor": l.cursor, "records": l.records, "seconds": l.seconds}))
+            .collect::<Vec<_>>(),
             "bypassing": bypassing,
         })
     }

@@ -93,6 +93,17 @@ pub struct Metrics {
     pub response_added_seconds: Histogram,
     pub tls_failures: IntCounterVec,
     pub trail_head: IntGauge,
+    pub export_sent: IntCounter,
+    pub export_rejected: IntCounter,
+    pub export_retries: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("a valid metric");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("registered once");
+    c
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -184,6 +195,22 @@ impl Metrics {
                 &["side", "reason"],
             ),
             trail_head,
+            export_sent: counter(
+                &registry,
+                "mcptrail_export_records_total",
+                "Records and checkpoints an OTLP collector accepted",
+            ),
+            export_rejected: counter(
+                &registry,
+                "mcptrail_export_rejected_total",
+                "Log records a collector rejected in a partial success (sent again until taken)",
+            ),
+            export_retries: counter_vec(
+                &registry,
+                "mcptrail_export_retries_total",
+                "Batches sent again: `retryable` (429, 502, 503, 504, no answer) or `failed` (any other refusal)",
+                &["kind"],
+            ),
             registry,
         }
     }

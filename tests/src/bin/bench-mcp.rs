@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use mcptrail_tests::{Agent, TestCgroup, contains_bytes, require_root};
+use mcptrail_tests::{Agent, TestCgroup, agent_bin, contains_bytes, require_root};
 use tokio::net::TcpStream;
 
 /// Bytes of result text the backend answers with (set per phase).
@@ -109,6 +109,67 @@ impl rmcp::ServerHandler for BenchServer {
         }
         let text = "x".repeat(PAYLOAD.load(Ordering::Relaxed));
         Ok(CallToolResult::success(vec![ContentBlock::text(text)]).into())
+    }
+}
+
+/// An OTLP/HTTP logs receiver: decodes every request with the protobuf schema (gzip as sent)
+/// and counts the log records; answers 200. Returns its address and the count.
+fn otlp_sink() -> (SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        runtime(1).block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            use prost::Message as _;
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let mut raw = Vec::new();
+                            std::io::Read::read_to_end(
+                                &mut flate2::read::GzDecoder::new(&body[..]),
+                                &mut raw,
+                            )
+                            .expect("a gzip body");
+                            let decoded = opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest::decode(&raw[..])
+                                .expect("an ExportLogsServiceRequest");
+                            let n: usize = decoded
+                                .resource_logs
+                                .iter()
+                                .flat_map(|r| &r.scope_logs)
+                                .map(|s| s.log_records.len())
+                                .sum();
+                            seen.fetch_add(n as u64, Ordering::Relaxed);
+                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    (addr, count)
+}
+
+/// Waits until `count` has not moved for 300 ms (an exporter has caught up).
+fn settled(count: &std::sync::atomic::AtomicU64) -> u64 {
+    let mut last = count.load(Ordering::Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = count.load(Ordering::Relaxed);
+        if now == last {
+            return now;
+        }
+        last = now;
     }
 }
 
@@ -1159,6 +1220,84 @@ fn main() {
             idle_rss as f64 * 1024.0 <= 40e6,
         ),
     ];
+    println!();
+    println!(
+        "Export (OTLP/HTTP to a local receiver that decodes every request; 1 KiB at 1,000/s, {secs} s; median of {rounds}):"
+    );
+    let (sink, received) = otlp_sink();
+    let export_cg = TestCgroup::new("mcp-export");
+    let sink_url = format!("http://{sink}");
+    let exporting = start(
+        "e",
+        &export_cg,
+        &[
+            "--durability",
+            "buffered",
+            "--export-otlp",
+            sink_url.as_str(),
+        ],
+    );
+    let quiet_cg = TestCgroup::new("mcp-noexport");
+    let quiet = start("q", &quiet_cg, &["--durability", "buffered"]);
+    let pair = [
+        ("agent, buffered, masking", &quiet_cg, quiet.pid()),
+        ("  the same, exporting OTLP", &export_cg, exporting.pid()),
+    ];
+    let mut export_cpu: Vec<Vec<f64>> = vec![Vec::new(); pair.len()];
+    for _ in 0..rounds {
+        for (k, (_, cg, pid)) in pair.iter().enumerate() {
+            let (_, cpu) = in_setup(cg, Some(*pid), || {
+                let lat = fixed_rate(addr, 1000, secs, 1024);
+                // The export runs behind the calls: its work counts once it has caught up.
+                settled(&received);
+                let calls = lat.len() as u64;
+                (lat, calls)
+            });
+            export_cpu[k].push(cpu);
+        }
+    }
+    let cpu_off = median(export_cpu[0].clone());
+    let cpu_on = median(export_cpu[1].clone());
+    for (k, (name, _, _)) in pair.iter().enumerate() {
+        println!(
+            "{name:<30} agent CPU {:>5.0} us/call",
+            median(export_cpu[k].clone())
+        );
+    }
+    let export_added = cpu_on - cpu_off;
+    println!(
+        "{:<30} {export_added:>+15.0} us/call",
+        "  added by the export"
+    );
+    // Throughput: `mcptrail export --format otlp` of a whole trail, as a host catching up.
+    let before = received.load(Ordering::Relaxed);
+    let t = Instant::now();
+    let out = std::process::Command::new(agent_bin())
+        .arg("--state-dir")
+        .arg(work.path().join("b"))
+        .args([
+            "export",
+            "--format",
+            "otlp",
+            "--endpoint",
+            sink_url.as_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let took = t.elapsed().as_secs_f64();
+    let shipped = settled(&received) - before;
+    let export_rate = shipped as f64 / took;
+    println!(
+        "{:<30} {export_rate:>9.0} records/s ({shipped} records, checkpoints included, in {took:.2} s)",
+        "mcptrail export --format otlp"
+    );
+    drop((exporting, quiet));
+
     println!();
     println!("Targets against this run (masking MB/s: bench-mask):");
     for (what, target, got, met) in rows {

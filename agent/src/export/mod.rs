@@ -1,0 +1,293 @@
+//! Shipping the trail to an OpenTelemetry collector (OTLP/HTTP logs), at least once.
+//!
+//! The exporter reads the trail itself (a RocksDB secondary instance, as `tail -f` does) after
+//! a persisted cursor, sends a batch, and moves the cursor only once the collector took all of
+//! it. Refusals are retried (429/502/503/504 with exponential backoff and jitter, honouring
+//! `Retry-After`; anything else more slowly), never dropped; a batch the collector partly
+//! rejects is split until the rejected records are alone, and those keep being retried. The
+//! data plane never waits on any of this: it only appends to the trail.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod cursor;
+pub mod feed;
+pub mod otlp;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::header::{HeaderName, HeaderValue};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::Reader;
+use client::{Client, Outcome};
+use feed::{Item, Position};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("the OTLP endpoint {endpoint:?}: {why}")]
+    Endpoint { endpoint: String, why: String },
+    #[error("the CA file {path}: {why}")]
+    Ca { path: PathBuf, why: String },
+    #[error("the headers file {path}: {why}")]
+    Headers { path: PathBuf, why: String },
+    #[error(
+        "the headers file {path} is readable by others (mode {mode:o}): it holds credentials; run `chmod 600 {path}`"
+    )]
+    HeadersOpen { path: PathBuf, mode: u32 },
+    #[error("the export cursor {path}: {why}")]
+    Cursor { path: PathBuf, why: String },
+    #[error("reading the trail: {0}")]
+    Trail(#[from] crate::audit::AuditError),
+}
+
+/// `Name: value` per line (`#` comments), for an auth token the collector wants. The file
+/// holds credentials: it must be readable by its owner alone.
+pub fn read_headers(path: &Path) -> Result<Vec<(HeaderName, HeaderValue)>, ExportError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let err = |why: String| ExportError::Headers {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(ExportError::HeadersOpen {
+            path: path.to_path_buf(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    parse_headers(&text).map_err(err)
+}
+
+/// The text of a headers file, or `Name: value` given on the command line.
+pub fn parse_headers(text: &str) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("line {}: expected `Name: value`", n + 1))?;
+        let name = HeaderName::try_from(name.trim())
+            .map_err(|_| format!("line {}: {:?} is not a header name", n + 1, name.trim()))?;
+        let mut value = HeaderValue::try_from(value.trim())
+            .map_err(|_| format!("line {}: the value of {name} is not a header value", n + 1))?;
+        value.set_sensitive(true);
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// How long to wait before attempt `attempt` (1 = the first retry): doubling from `base` up to
+/// `max`, with up to a quarter of jitter either way (`jitter` in 0..1), or what the collector
+/// asked for (`Retry-After`), if longer, capped at 10 minutes.
+pub fn backoff(
+    attempt: u32,
+    base: Duration,
+    max: Duration,
+    jitter: f64,
+    asked: Option<Duration>,
+) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let capped = exp.min(max);
+    let spread = capped.as_secs_f64() * (0.75 + 0.5 * jitter.clamp(0.0, 1.0));
+    let ours = Duration::from_secs_f64(spread);
+    match asked {
+        Some(a) => a.max(ours).min(Duration::from_secs(600)),
+        None => ours,
+    }
+}
+
+fn jitter() -> f64 {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
+}
+
+/// An exporter's settings.
+#[derive(Clone)]
+pub struct Settings {
+    pub target: client::Target,
+    pub origin: otlp::Origin,
+    /// At most this many records in one request...
+    pub batch_records: usize,
+    /// ...and about this many bytes (before compression).
+    pub batch_bytes: usize,
+    /// How often a caught-up exporter looks for new records.
+    pub poll: Duration,
+}
+
+pub const DEFAULT_BATCH_RECORDS: usize = 512;
+pub const DEFAULT_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// First and longest waits: for the answers that mean "later" (429, 502, 503, 504, no
+/// answer), and for every other refusal, which a person probably has to fix.
+const RETRY_BASE: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+const FAILED_BASE: Duration = Duration::from_secs(5);
+const FAILED_MAX: Duration = Duration::from_secs(300);
+
+/// Sends `items` until the collector has taken every one: a partial success splits the batch
+/// and sends each half again, so the records it rejects end up alone and keep being retried.
+/// Returns false when `stop` fired first.
+async fn deliver(
+    client: &mut Client,
+    settings: &Settings,
+    items: Vec<Item>,
+    stop: &CancellationToken,
+) -> bool {
+    let m = crate::metrics::get();
+    let mut queue = vec![items];
+    while let Some(batch) = queue.pop() {
+        let mut attempt = 0;
+        loop {
+            let observed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            let request = otlp::request(&settings.origin, &batch, observed);
+            let outcome = client.send(&request).await;
+            let wait = match outcome {
+                Outcome::Accepted => {
+                    m.export_sent.inc_by(batch.len() as u64);
+                    break;
+                }
+                Outcome::Partial { rejected, message } => {
+                    m.export_rejected.inc_by(rejected.max(0) as u64);
+                    tracing::warn!(
+                        endpoint = %client.endpoint(),
+                        rejected,
+                        of = batch.len(),
+                        message,
+                        "the collector rejected part of a batch: sending it again in halves"
+                    );
+                    if batch.len() > 1 {
+                        let mut first = batch;
+                        let second = first.split_off(first.len() / 2);
+                        // Stack: the first half goes first, keeping the order.
+                        queue.push(second);
+                        queue.push(first);
+                        break;
+                    }
+                    attempt += 1;
+                    backoff(attempt, FAILED_BASE, FAILED_MAX, jitter(), None)
+                }
+                Outcome::Retry { why, after } => {
+                    attempt += 1;
+                    m.export_retries.with_label_values(&["retryable"]).inc();
+                    let wait = backoff(attempt, RETRY_BASE, RETRY_MAX, jitter(), after);
+                    tracing::warn!(endpoint = %client.endpoint(), attempt, wait_ms = wait.as_millis() as u64, %why, "the collector is not taking the batch now; retrying");
+                    wait
+                }
+                Outcome::Failed { why } => {
+                    attempt += 1;
+                    m.export_retries.with_label_values(&["failed"]).inc();
+                    let wait = backoff(attempt, FAILED_BASE, FAILED_MAX, jitter(), None);
+                    tracing::error!(endpoint = %client.endpoint(), attempt, wait_ms = wait.as_millis() as u64, %why, "the collector refused the batch; retrying more slowly (nothing is dropped)");
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return false,
+            }
+        }
+    }
+    true
+}
+
+/// Exports from `cursor` on: until the trail is sent (or, with `follow`, until `stop`).
+pub async fn run(
+    reader: Arc<Reader>,
+    cursor: cursor::Cursor,
+    settings: Settings,
+    follow: bool,
+    stop: CancellationToken,
+) -> Result<Position, ExportError> {
+    let mut client = Client::new(settings.target.clone());
+    let mut pos = cursor.load()?;
+    let mut with_anchor = true;
+    loop {
+        let (r, p, records, bytes) = (
+            reader.clone(),
+            pos,
+            settings.batch_records,
+            settings.batch_bytes,
+        );
+        let (items, next) = tokio::task::spawn_blocking(move || {
+            r.catch_up()?;
+            feed::next_batch(&r, p, records, bytes, with_anchor)
+        })
+        .await
+        .expect("the trail reader does not panic")?;
+        let moved = next != pos;
+        if moved {
+            if !deliver(&mut client, &settings, items, &stop).await {
+                return Ok(pos);
+            }
+            cursor.store(next)?;
+            pos = next;
+            with_anchor = false;
+            continue;
+        }
+        if !follow {
+            // Nothing new, but an anchor not yet sent goes out once.
+            if with_anchor && !items.is_empty() {
+                let _ = deliver(&mut client, &settings, items, &stop).await;
+            }
+            return Ok(pos);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.poll) => {}
+            _ = stop.cancelled() => return Ok(pos),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_jitters_caps_and_honours_retry_after() {
+        let b = Duration::from_millis(500);
+        let m = Duration::from_secs(60);
+        assert_eq!(backoff(1, b, m, 0.5, None), Duration::from_millis(500));
+        assert_eq!(backoff(2, b, m, 0.5, None), Duration::from_secs(1));
+        assert_eq!(backoff(3, b, m, 0.5, None), Duration::from_secs(2));
+        assert_eq!(backoff(30, b, m, 0.5, None), m);
+        assert_eq!(backoff(1, b, m, 0.0, None), Duration::from_millis(375));
+        assert_eq!(backoff(1, b, m, 1.0, None), Duration::from_millis(625));
+        assert_eq!(
+            backoff(1, b, m, 0.5, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            backoff(1, b, m, 0.5, Some(Duration::from_secs(86_400))),
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
+    fn header_lines_parse_and_bad_ones_say_where() {
+        let h =
+            parse_headers("# the fleet's token\nAuthorization: Bearer abc\nX-Scope-OrgID: ci\n")
+                .unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].0, "authorization");
+        assert!(h[0].1.is_sensitive());
+        assert!(
+            parse_headers("no colon here")
+                .unwrap_err()
+                .contains("line 1")
+        );
+        assert!(
+            parse_headers("bad name: x")
+                .unwrap_err()
+                .contains("header name")
+        );
+    }
+}
