@@ -288,6 +288,22 @@ pub fn jsonrpc_echo(port: u16) -> Reaped {
     server
 }
 
+/// The official SDK's client (tests/fixtures/mcp_client.py) against 127.0.0.1:`port`/mcp, run
+/// in `cgroup` to its end; fails the test with its stderr if it fails.
+pub fn sdk_client(cgroup: &TestCgroup, port: u16) {
+    let out = cgroup
+        .command(mcp_python().to_str().unwrap())
+        .arg(fixture("mcp_client.py"))
+        .arg(format!("http://127.0.0.1:{port}/mcp"))
+        .output()
+        .expect("starting the SDK client");
+    assert!(
+        out.status.success(),
+        "the SDK client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The official SDK's MCP server (tests/fixtures/mcp_server.py) on 127.0.0.1:`port`.
 /// Its stderr is quoted if it does not come up (see `start_server`).
 pub fn mcp_server(port: u16, extra: &[&str]) -> Reaped {

@@ -125,20 +125,6 @@ fn attr(lr: &Value, key: &str) -> Option<String> {
         .or_else(|| v["intValue"].as_i64().map(|i| i.to_string()))
 }
 
-fn client(cgroup: &TestCgroup, port: u16) {
-    let out = cgroup
-        .command(mcp_python().to_str().unwrap())
-        .arg(fixture("mcp_client.py"))
-        .arg(format!("http://127.0.0.1:{port}/mcp"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn verify_export(state: &Path, file: &Path, key: &Path) -> (bool, Value) {
     let out = mcptrail(
         state,
@@ -207,7 +193,7 @@ fn live_traffic_reaches_the_collector_at_least_once_and_the_copy_verifies() {
         &args,
         false,
     );
-    client(&cgroup, port);
+    sdk_client(&cgroup, port);
     receiver.wait_for_all(&state, Duration::from_secs(20));
     // Caught up: `status` says so (the cursor's lag, records and seconds).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -234,12 +220,12 @@ fn live_traffic_reaches_the_collector_at_least_once_and_the_copy_verifies() {
 
     // The receiver goes away for a while: nothing is lost, the calls go on meanwhile.
     receiver.stop();
-    client(&cgroup, port);
+    sdk_client(&cgroup, port);
     std::thread::sleep(Duration::from_millis(1500));
     // It comes back answering 503 with Retry-After, then takes everything.
     receiver.set("503 1");
     receiver.start();
-    client(&cgroup, port);
+    sdk_client(&cgroup, port);
     std::thread::sleep(Duration::from_millis(1500));
     let during = receiver.seqs().len();
     receiver.set("ok");
@@ -251,7 +237,7 @@ fn live_traffic_reaches_the_collector_at_least_once_and_the_copy_verifies() {
 
     // A partial success: the exporter sends the batch again in halves; duplicates arrive.
     receiver.set("partial 1");
-    client(&cgroup, port);
+    sdk_client(&cgroup, port);
     std::thread::sleep(Duration::from_millis(1500));
     receiver.set("ok");
     receiver.wait_for_all(&state, Duration::from_secs(30));
@@ -268,7 +254,7 @@ fn live_traffic_reaches_the_collector_at_least_once_and_the_copy_verifies() {
         "no partial success was logged:\n{first}"
     );
     receiver.stop();
-    client(&cgroup, port);
+    sdk_client(&cgroup, port);
     agent.kill9();
     receiver.start();
     let mut agent = Agent::start_with(
@@ -278,7 +264,7 @@ fn live_traffic_reaches_the_collector_at_least_once_and_the_copy_verifies() {
         &args,
         false,
     );
-    client(&cgroup, port);
+    sdk_client(&cgroup, port);
     assert!(agent.stop().success());
     receiver.wait_for_all(&state, Duration::from_secs(30));
     let log = agent.log();

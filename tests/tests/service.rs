@@ -44,20 +44,6 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
         .map(|v| v.trim().parse().unwrap())
 }
 
-fn run_sdk_client(cgroup: &TestCgroup, port: u16) {
-    let out = cgroup
-        .command(mcp_python().to_str().unwrap())
-        .arg(fixture("mcp_client.py"))
-        .arg(format!("http://127.0.0.1:{port}/mcp"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the SDK client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn metrics_pass_promtool_and_a_real_prometheus_scrapes_the_calls() {
     require_root();
@@ -80,8 +66,8 @@ fn metrics_pass_promtool_and_a_real_prometheus_scrapes_the_calls() {
         &["--config", config.to_str().unwrap()],
         false,
     );
-    run_sdk_client(&cgroup, port);
-    run_sdk_client(&cgroup, port);
+    sdk_client(&cgroup, port);
+    sdk_client(&cgroup, port);
     let url = format!("http://127.0.0.1:{metrics_port}/metrics");
     let (code, text) = get(&url);
     assert_eq!(code, 200, "{text}");

@@ -9,9 +9,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
-use crate::{cargo, run_checked, target_dir, workspace_root};
+use crate::{cargo, output, run_checked, target_dir, workspace_root};
 
 /// What `dist` made.
 pub struct Dist {
@@ -54,20 +54,6 @@ fn version() -> anyhow::Result<String> {
         .find_map(|l| l.strip_prefix("version = "))
         .map(|v| v.trim_matches('"').to_owned())
         .context("no version in [workspace.package] of Cargo.toml")
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("starting {}", crate::describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            crate::describe(cmd),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn copy(from: &Path, to: &Path, mode: u32) -> anyhow::Result<()> {

@@ -218,6 +218,21 @@ fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs a command and returns its standard output, trimmed; fails with its standard error.
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            describe(cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::run_checked;
+use crate::{output, run_checked};
 
 /// Debian packages: libclang for RocksDB's bindings, and the real programs the tests drive
 /// (`update-ca-certificates`, from ca-certificates, for `mcptrail ca install`; Prometheus and
@@ -142,20 +142,6 @@ fn ts_sdk() -> anyhow::Result<()> {
             .args(NPM_PACKAGES.iter().map(|(n, v)| format!("{n}@{v}"))),
     )
     .context("installing the TypeScript MCP SDK and undici for the end-to-end tests (needs Node.js and npm)")
-}
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("starting {}", crate::describe(cmd)))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            crate::describe(cmd),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn apt_packages() -> anyhow::Result<()> {
