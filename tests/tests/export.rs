@@ -383,6 +383,22 @@ fn live_traffic_reaches_the_collector_at_least_once_and_the_copy_verifies() {
     assert!(problems.contains(&3) || problems.contains(&4), "{report:#}");
 }
 
+/// `mcptrail export --format otlp` of the trail in `state` to `url`, with the cursor `ship`.
+fn ship(state: &Path, url: &str) -> std::process::Output {
+    mcptrail(
+        state,
+        &[
+            "export",
+            "--format",
+            "otlp",
+            "--endpoint",
+            url,
+            "--cursor",
+            "ship",
+        ],
+    )
+}
+
 #[test]
 fn the_export_command_ships_otlp_and_json_lines_that_verify() {
     require_root();
@@ -420,18 +436,7 @@ fn the_export_command_ships_otlp_and_json_lines_that_verify() {
     );
 
     let receiver = Receiver::new(work.path(), "cli");
-    let out = mcptrail(
-        &state,
-        &[
-            "export",
-            "--format",
-            "otlp",
-            "--endpoint",
-            &receiver.url(),
-            "--cursor",
-            "ship",
-        ],
-    );
+    let out = ship(&state, &receiver.url());
     assert!(
         out.status.success(),
         "{}",
@@ -445,18 +450,7 @@ fn the_export_command_ships_otlp_and_json_lines_that_verify() {
         .unwrap()
         .lines()
         .count();
-    let out = mcptrail(
-        &state,
-        &[
-            "export",
-            "--format",
-            "otlp",
-            "--endpoint",
-            &receiver.url(),
-            "--cursor",
-            "ship",
-        ],
-    );
+    let out = ship(&state, &receiver.url());
     assert!(out.status.success());
     assert_eq!(
         std::fs::read_to_string(&receiver.out)

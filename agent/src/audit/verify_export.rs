@@ -16,12 +16,7 @@ use serde_json::Value;
 
 use super::chain::{self, GENESIS, Hash};
 use super::checkpoint::Checkpoint;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Problem {
-    pub seq: u64,
-    pub what: String,
-}
+pub use super::verify::Problem;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ExportReport {

@@ -93,26 +93,16 @@ impl Target {
 
 /// The system's roots (so an internal CA installed on the host works) plus `ca_file`.
 fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, ExportError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_file {
-        let err = |why: String| ExportError::Ca {
-            path: path.to_path_buf(),
-            why,
-        };
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| err(e.to_string()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| err(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(err("no certificate in it (a PEM bundle is expected)".into()));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| err(e.to_string()))?;
+        for cert in crate::proxy::tls::read_pem_certs(path)? {
+            roots.add(cert).map_err(|e| ExportError::Ca {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -30,6 +30,8 @@ pub enum ExportError {
     Endpoint { endpoint: String, why: String },
     #[error("the CA file {path}: {why}")]
     Ca { path: PathBuf, why: String },
+    #[error("{0}")]
+    Roots(#[from] crate::proxy::tls::TlsError),
     #[error("the headers file {path}: {why}")]
     Headers { path: PathBuf, why: String },
     #[error(
