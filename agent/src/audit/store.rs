@@ -1,18 +1,20 @@
-//! The primary store and its single writer.
+//! The primary store and its appenders.
 //!
-//! All appends go through one thread that owns the chain head. It takes every record waiting
-//! in its queue, seals them (sequence number, previous hash), and writes them in one
-//! RocksDB batch with a synced WAL: one fsync covers a whole group of concurrent writers, and
-//! a caller is told its sequence number only once its record is durable. Retention runs beside
-//! it on a thread of its own: it touches only records below the head, and appends do not wait.
+//! Producers append on their own threads: under one lock each seals its records (sequence
+//! number, previous hash) and writes them as one RocksDB batch, so the write-ahead log holds
+//! the chain in order and the lock is held for the WAL write only. In sync mode the caller
+//! then waits for the trail's thread, which syncs the WAL once for every record written before
+//! it (group commit), so a caller is told its sequence number only once its record is durable.
+//! The same thread signs the checkpoints that fall due, outside the lock. Retention runs on a
+//! thread of its own: it touches only records below the head, and appends do not wait.
 #![forbid(unsafe_code)]
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -27,9 +29,7 @@ use super::{
     seq_key,
 };
 
-/// Most records sealed into one batch; bounds the latency one fsync adds to the first writer.
-const MAX_GROUP: usize = 1024;
-/// Queue depth before `append` waits: back-pressure instead of unbounded memory.
+/// Requests to the trail's thread before a sync-mode append waits to queue its own.
 const QUEUE_DEPTH: usize = 8192;
 
 /// The last record in the trail.
@@ -487,13 +487,18 @@ impl Store {
         }))
     }
 
-    /// Seals and durably writes a group of events; returns their sequence numbers.
+    /// Seals and durably writes a group of events; returns their sequence numbers. A
+    /// checkpoint that falls due is signed after the group, on this thread.
     pub fn append_group(
         &mut self,
         events: impl IntoIterator<Item = Event>,
     ) -> Result<Vec<u64>, AuditError> {
         let encoded: Vec<Encoded> = events.into_iter().map(|e| Encoded::new(&e)).collect();
-        self.append_encoded(&encoded)
+        let appended = self.append_encoded(&encoded, self.durability == Durability::Sync)?;
+        if appended.checkpoint_due {
+            self.checkpoint_now()?;
+        }
+        Ok(appended.seqs)
     }
 
     /// The bytes of record `seq`: the header fields, then the event's own fields. The same
@@ -512,10 +517,11 @@ impl Store {
         out
     }
 
-    /// Seals and durably writes a group of encoded events; returns their sequence numbers.
-    /// Only the chain's parts are done here, on the writer thread: encoding happened on the
-    /// callers' threads.
-    fn append_encoded(&mut self, events: &[Encoded]) -> Result<Vec<u64>, AuditError> {
+    /// Seals a group of encoded events and writes them in one batch (synced when `sync`);
+    /// returns their sequence numbers. Only the chain's parts are done here: encoding happened
+    /// on the callers' threads. A checkpoint that falls due is only reported: signing it is not
+    /// the appender's work.
+    fn append_encoded(&mut self, events: &[Encoded], sync: bool) -> Result<Appended, AuditError> {
         self.recover()?;
         let db = self.db()?;
         let records = db.cf_handle(CF_RECORDS).expect("records CF opened");
@@ -536,40 +542,129 @@ impl Store {
             head = Head { seq, hash };
             seqs.push(seq);
         }
-        let checkpoint = self.checkpoint_due(&head);
-        if checkpoint {
-            self.put_checkpoint(&mut batch, &head)?;
-        }
-        self.write(batch, self.durability == Durability::Sync)?;
-        // Only advance once durable: a failed batch leaves no gap in the chain.
+        self.write(batch, sync)?;
+        // Only advance once written: a failed batch leaves no gap in the chain.
         self.head = head;
-        if checkpoint {
-            self.checkpointed = head.seq;
-            self.checkpointed_at = Instant::now();
-        }
-        Ok(seqs)
+        Ok(Appended {
+            seqs,
+            checkpoint_due: self.checkpoint_due(&head),
+        })
     }
 
-    /// Starts the writer thread and hands back the handle that producers clone.
+    /// The open database, shared: for work done outside the appenders' lock (syncing the WAL,
+    /// writing a checkpoint).
+    fn db_shared(&self) -> Result<Arc<DB>, AuditError> {
+        self.db.clone().ok_or(AuditError::Closed)
+    }
+
+    /// Hands the store to the trail's own thread and returns the handle that producers clone.
+    /// Producers seal and write their records themselves, one at a time under a lock (so the
+    /// write-ahead log holds the chain in order); the thread syncs the WAL for them in sync
+    /// mode (one fsync for everything written before it), signs the checkpoints that fall due,
+    /// and starts retention. It ends when the last handle is dropped.
     pub fn spawn_writer(self) -> (AuditLog, std::thread::JoinHandle<()>) {
         self.spawn_syncer();
+        let sync = self.durability == Durability::Sync;
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let healthy = Arc::new(AtomicBool::new(true));
+        let store = Arc::new(Mutex::new(self));
+        let checkpoint_asked = Arc::new(AtomicBool::new(false));
+        let syncs = Arc::new(AtomicU64::new(0));
         let handle = std::thread::Builder::new()
-            .name("audit-writer".into())
+            .name("audit-trail".into())
             .spawn({
-                let healthy = healthy.clone();
-                move || writer_loop(self, rx, healthy)
+                let (store, healthy, asked, syncs) = (
+                    store.clone(),
+                    healthy.clone(),
+                    checkpoint_asked.clone(),
+                    syncs.clone(),
+                );
+                move || trail_loop(&store, rx, &healthy, &asked, &syncs)
             })
-            .expect("spawning the audit writer thread");
+            .expect("spawning the audit trail thread");
         (
             AuditLog {
-                tx: Arc::new(tx),
-                healthy,
+                shared: Arc::new(Shared {
+                    store,
+                    tx,
+                    healthy,
+                    sync,
+                    checkpoint_asked,
+                    syncs,
+                }),
             },
             handle,
         )
     }
+}
+
+/// What an append wrote.
+struct Appended {
+    seqs: Vec<u64>,
+    /// The head is past the checkpoint policy's count or age.
+    checkpoint_due: bool,
+}
+
+/// The store behind the appenders' lock; a panic while it was held leaves the head as it was
+/// (it moves only after a write), so a poisoned lock is still a consistent store.
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Signs a checkpoint of the head, if anything was written since the last one, holding the
+/// appenders' lock only to read the head and to note what was signed: the signature, the
+/// write and its sync happen while appends go on.
+fn checkpoint_shared(store: &Mutex<Store>) -> Result<(), AuditError> {
+    let (head, key, db) = {
+        let mut s = lock(store);
+        s.recover()?;
+        if s.head.seq <= s.checkpointed {
+            return Ok(());
+        }
+        (s.head, s.key.clone(), s.db_shared()?)
+    };
+    let cp = Checkpoint::sign(&key, head.seq, &head.hash, now_rfc3339());
+    let cf = db.cf_handle(CF_CHECKPOINTS).expect("checkpoints CF opened");
+    let written = db
+        .put_cf(
+            &cf,
+            seq_key(head.seq),
+            serde_json::to_vec(&cp).expect("checkpoints serialise"),
+        )
+        .and_then(|()| db.flush_wal(true))
+        .map_err(AuditError::Write);
+    drop(db);
+    let mut s = lock(store);
+    match written {
+        Ok(()) => {
+            if head.seq > s.checkpointed {
+                s.checkpointed = head.seq;
+                s.checkpointed_at = Instant::now();
+            }
+            Ok(())
+        }
+        Err(e) => {
+            s.broken = true;
+            Err(e)
+        }
+    }
+}
+
+/// Syncs the WAL: everything written before this call is then on disk.
+fn sync_wal(store: &Mutex<Store>) -> Result<(), AuditError> {
+    let db = lock(store).db_shared()?;
+    let started = Instant::now();
+    let r = db.flush_wal(true).map_err(AuditError::Write);
+    crate::metrics::get()
+        .fsync_seconds
+        .observe(started.elapsed().as_secs_f64());
+    drop(db);
+    if r.is_err() {
+        lock(store).broken = true;
+    }
+    r
 }
 
 /// Retention's work, on whichever thread runs it. It reads and writes only below the head,
@@ -763,71 +858,67 @@ impl Encoded {
     }
 }
 
-struct Pending {
-    event: Encoded,
-    done: oneshot::Sender<Result<u64, String>>,
-}
-
+/// What the appenders ask of the trail's thread.
 enum Request {
-    Retain(Retention, oneshot::Sender<Result<u64, String>>),
-    // Boxed: an event is a few hundred bytes, and the queue holds thousands of requests.
-    Append(Box<Pending>),
+    /// Answer once the WAL is synced (everything written before the request is covered).
+    Sync(oneshot::Sender<Result<(), String>>),
+    /// A checkpoint fell due at an append; nobody waits for it.
+    CheckpointDue,
     Checkpoint(oneshot::Sender<Result<(), String>>),
+    Retain(Retention, oneshot::Sender<Result<u64, String>>),
 }
 
-fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<AtomicBool>) {
-    let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
+/// The trail's thread: group fsyncs in sync mode, checkpoints and retention jobs.
+fn trail_loop(
+    store: &Mutex<Store>,
+    mut rx: mpsc::Receiver<Request>,
+    healthy: &AtomicBool,
+    checkpoint_asked: &AtomicBool,
+    sync_count: &AtomicU64,
+) {
+    let mut syncs: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
     let mut checkpoints: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
+        let mut checkpoint_due = false;
         let mut next = Some(first);
+        // Everything queued so far: one fsync answers every sync request among it.
         while let Some(req) = next.take() {
             match req {
-                Request::Retain(retention, done) => store.start_retention(retention, done),
-                Request::Append(p) => group.push(*p),
+                Request::Sync(done) => syncs.push(done),
+                Request::CheckpointDue => {
+                    checkpoint_asked.store(false, Ordering::Relaxed);
+                    checkpoint_due = true;
+                }
                 Request::Checkpoint(done) => checkpoints.push(done),
+                Request::Retain(retention, done) => lock(store).start_retention(retention, done),
             }
-            if group.len() < MAX_GROUP {
-                next = rx.try_recv().ok();
+            next = rx.try_recv().ok();
+        }
+        if !syncs.is_empty() {
+            let r = sync_wal(store).map_err(|e| e.to_string());
+            sync_count.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = &r {
+                healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, records = syncs.len(), "syncing the audit trail failed");
+            }
+            for done in syncs.drain(..) {
+                let _ = done.send(r.clone());
             }
         }
-        if group.is_empty() {
-            let r = store.checkpoint_now().map_err(|e| e.to_string());
+        if checkpoint_due || !checkpoints.is_empty() {
+            let r = checkpoint_shared(store).map_err(|e| e.to_string());
             // An idle trail reopens here (the agent asks for a checkpoint on a timer), and
             // with nothing to append this is the write that says whether it could.
             healthy.store(r.is_ok(), Ordering::Relaxed);
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "signing an audit checkpoint failed");
+            }
             for done in checkpoints.drain(..) {
                 let _ = done.send(r.clone());
             }
-            continue;
-        }
-        let (events, dones): (Vec<Encoded>, Vec<_>) =
-            group.drain(..).map(|p| (p.event, p.done)).unzip();
-        match store.append_encoded(&events) {
-            Ok(seqs) => {
-                healthy.store(true, Ordering::Relaxed);
-                for (done, seq) in dones.into_iter().zip(seqs) {
-                    let _ = done.send(Ok(seq));
-                }
-                if !checkpoints.is_empty() {
-                    let r = store.checkpoint_now().map_err(|e| e.to_string());
-                    for done in checkpoints.drain(..) {
-                        let _ = done.send(r.clone());
-                    }
-                }
-            }
-            Err(e) => {
-                healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, records = dones.len(), "audit write failed");
-                let msg = e.to_string();
-                for done in dones {
-                    let _ = done.send(Err(msg.clone()));
-                }
-                for done in checkpoints.drain(..) {
-                    let _ = done.send(Err(msg.clone()));
-                }
-            }
         }
     }
+    let mut store = lock(store);
     // A running retention job ends first: its handle would keep the store open past the
     // writer, and the process may exit under it.
     store.join_retention();
@@ -842,57 +933,118 @@ fn writer_loop(mut store: Store, mut rx: mpsc::Receiver<Request>, healthy: Arc<A
     }
 }
 
+/// What every handle shares; dropping the last one ends the trail's thread.
+struct Shared {
+    store: Arc<Mutex<Store>>,
+    tx: mpsc::Sender<Request>,
+    /// False since the last write failed (for example a full disk), until one succeeds.
+    healthy: Arc<AtomicBool>,
+    /// Sync durability: an append returns once the trail's thread has synced the WAL.
+    sync: bool,
+    /// A `CheckpointDue` is queued and not yet taken.
+    checkpoint_asked: Arc<AtomicBool>,
+    /// WAL syncs the trail's thread made for sync-mode appends.
+    syncs: Arc<AtomicU64>,
+}
+
 /// A cheap, cloneable handle for appending to the trail from async code.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: Arc<mpsc::Sender<Request>>,
-    /// False since the last write failed (for example a full disk), until one succeeds.
-    healthy: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl AuditLog {
     /// Whether the last write to the trail succeeded.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// How many times the WAL was synced for sync-mode appends (each sync answers every
+    /// append written before it).
+    pub fn wal_syncs(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Relaxed)
     }
 
     /// Appends one event and waits until it is durable; returns its sequence number.
     pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
+        let seqs = self.append_all(vec![event]).await?;
+        Ok(seqs[0])
+    }
+
+    /// Appends events as one batch, consecutive in the trail, and waits until they are
+    /// durable; returns their sequence numbers.
+    pub async fn append_all(&self, events: Vec<Event>) -> Result<Vec<u64>, AuditError> {
         let started = Instant::now();
-        let kind = event.kind();
-        let result = self.append_encoded(Encoded::new(&event)).await;
+        let kinds: Vec<&'static str> = events.iter().map(Event::kind).collect();
+        let encoded: Vec<Encoded> = events.iter().map(Encoded::new).collect();
+        drop(events);
+        let result = self.write(&encoded).await;
         let m = crate::metrics::get();
         match &result {
-            Ok(seq) => {
+            Ok(seqs) => {
                 m.append_seconds.observe(started.elapsed().as_secs_f64());
-                m.records_written.with_label_values(&[kind]).inc();
+                for kind in kinds {
+                    m.records_written.with_label_values(&[kind]).inc();
+                }
                 // Appends finish in any order; the head only moves forward.
-                if (*seq as i64) > m.trail_head.get() {
-                    m.trail_head.set(*seq as i64);
+                if let Some(&last) = seqs.last()
+                    && (last as i64) > m.trail_head.get()
+                {
+                    m.trail_head.set(last as i64);
                 }
             }
-            Err(_) => m.records_failed.with_label_values(&[kind]).inc(),
+            Err(_) => {
+                for kind in kinds {
+                    m.records_failed.with_label_values(&[kind]).inc();
+                }
+            }
         }
         result
     }
 
-    async fn append_encoded(&self, event: Encoded) -> Result<u64, AuditError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Request::Append(Box::new(Pending { event, done })))
-            .await
-            .map_err(|_| AuditError::WriterGone)?;
-        match wait.await {
-            Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(msg)) => Err(AuditError::Rejected(msg)),
-            Err(_) => Err(AuditError::WriterGone),
+    /// Seals and writes on the caller's thread, under the lock that keeps the chain in the
+    /// WAL's order. A write is a few tens of microseconds, and a thread of its own would cost
+    /// two wake-ups per record; in sync mode the fsync, which is longer, happens on the
+    /// trail's thread, once for every record written before it.
+    async fn write(&self, encoded: &[Encoded]) -> Result<Vec<u64>, AuditError> {
+        let shared = &self.shared;
+        let appended = lock(&shared.store).append_encoded(encoded, false);
+        let appended = match appended {
+            Ok(a) => a,
+            Err(e) => {
+                shared.healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, records = encoded.len(), "audit write failed");
+                return Err(e);
+            }
+        };
+        if appended.checkpoint_due && !shared.checkpoint_asked.swap(true, Ordering::Relaxed) {
+            // Not waited for: if the queue is full the next append asks again.
+            if shared.tx.try_send(Request::CheckpointDue).is_err() {
+                shared.checkpoint_asked.store(false, Ordering::Relaxed);
+            }
         }
+        if shared.sync {
+            let (done, wait) = oneshot::channel();
+            shared
+                .tx
+                .send(Request::Sync(done))
+                .await
+                .map_err(|_| AuditError::WriterGone)?;
+            match wait.await {
+                Ok(Ok(())) => {}
+                Ok(Err(msg)) => return Err(AuditError::Rejected(msg)),
+                Err(_) => return Err(AuditError::WriterGone),
+            }
+        }
+        shared.healthy.store(true, Ordering::Relaxed);
+        Ok(appended.seqs)
     }
 
     /// Applies the retention policy; returns how many records went.
     pub async fn retain(&self, retention: Retention) -> Result<u64, AuditError> {
         let (done, wait) = oneshot::channel();
-        self.tx
+        self.shared
+            .tx
             .send(Request::Retain(retention, done))
             .await
             .map_err(|_| AuditError::WriterGone)?;
@@ -906,7 +1058,8 @@ impl AuditLog {
     /// Signs a checkpoint of everything written so far (nothing if nothing is new).
     pub async fn checkpoint(&self) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
-        self.tx
+        self.shared
+            .tx
             .send(Request::Checkpoint(done))
             .await
             .map_err(|_| AuditError::WriterGone)?;
@@ -999,6 +1152,87 @@ mod tests {
         assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
         drop(log);
         writer.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sync_appends_share_fsyncs_and_keep_the_chain_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.set_durability(Durability::Sync);
+        let key = store.public_key();
+        let (log, writer) = store.spawn_writer();
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for j in 0..10 {
+                    let group = vec![stop(&format!("{i}.{j}.a")), stop(&format!("{i}.{j}.b"))];
+                    let got = log.append_all(group).await.unwrap();
+                    assert_eq!(got[1], got[0] + 1, "a group is consecutive");
+                    seqs.extend(got);
+                }
+                seqs
+            }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.extend(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=1280).collect::<Vec<_>>());
+        let syncs = log.wal_syncs();
+        assert!(syncs >= 1, "sync mode syncs the WAL");
+        assert!(
+            syncs < 640,
+            "64 concurrent writers share fsyncs: {syncs} syncs for 640 appends"
+        );
+        drop(log);
+        writer.join().unwrap();
+        let reader = crate::audit::Reader::open(dir.path()).unwrap();
+        let r = crate::audit::verify::verify(&reader, 1, u64::MAX, &key).unwrap();
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.last, Some(1280));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buffered_appends_do_not_wait_for_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.set_durability(Durability::Buffered(Duration::from_millis(10)));
+        let (log, writer) = store.spawn_writer();
+        for i in 0..20 {
+            log.append(stop(&i.to_string())).await.unwrap();
+        }
+        assert_eq!(log.wal_syncs(), 0);
+        drop(log);
+        writer.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoints_that_fall_due_are_signed_by_the_trail_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.set_checkpoint_policy(CheckpointPolicy {
+            every_records: 5,
+            every: Duration::from_secs(3600),
+        });
+        let key = store.public_key();
+        let (log, writer) = store.spawn_writer();
+        for i in 0..23 {
+            log.append(stop(&i.to_string())).await.unwrap();
+        }
+        // The due checkpoints are signed while appends go on; closing waits for them.
+        drop(log);
+        writer.join().unwrap();
+        let reader = crate::audit::Reader::open(dir.path()).unwrap();
+        let r = crate::audit::verify::verify(&reader, 1, u64::MAX, &key).unwrap();
+        assert!(r.ok(), "{r:?}");
+        assert!(r.checkpoints_verified >= 1, "{r:?}");
+        assert!(
+            r.unsigned_tail < 5,
+            "a checkpoint followed the last due point: {r:?}"
+        );
     }
 
     /// A store of two records as a write error leaves it when the reopen after it failed:

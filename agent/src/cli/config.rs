@@ -90,6 +90,7 @@ pub struct ProxySection {
     pub connect_timeout: Option<u64>,
     pub capture_limit: Option<usize>,
     pub shutdown_grace: Option<u64>,
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
@@ -199,6 +200,7 @@ impl ConfigFile {
         take!(p.connect_timeout, connect_timeout);
         take!(p.capture_limit, capture_limit);
         take!(p.shutdown_grace, shutdown_grace);
+        take!(p.workers, workers);
         let t = &self.trail;
         take!(t.durability, durability);
         take!(t.buffered_window_ms, buffered_window_ms);
@@ -298,6 +300,7 @@ restart_settings!(
     tls_mode,
     upstream_ca,
     shutdown_grace,
+    workers,
     metrics_listen,
     export_otlp,
     export_otlp_headers_file,

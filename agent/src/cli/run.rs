@@ -155,6 +155,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
     pub capture_limit: usize,
 
+    /// Threads that serve connections (0: half the cores, at least one). The agent shares the
+    /// host with the clients it audits, and a call handed between threads costs a wake-up
+    /// each time: on a 2-core host one thread does more calls per CPU second than two.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub workers: usize,
+
     /// Seconds to wait for the gateway to accept a relayed connection.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout: u64,
@@ -321,6 +327,41 @@ impl RunArgs {
     }
 }
 
+/// Each proxied connection holds two descriptors (the client's and the gateway's), so the
+/// usual soft limit of 1,024 would refuse connections past about 500. The soft limit is
+/// raised to the hard one (the unit sets `LimitNOFILE=65536`).
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+    }
+    let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(s, _)| s);
+    if limit < MIN_DESCRIPTORS {
+        tracing::warn!(
+            limit,
+            connections = limit / 2,
+            "the open-file limit allows only about this many proxied connections at once; raise it (LimitNOFILE= in the unit, or ulimit -n)"
+        );
+    }
+}
+
+/// Below this open-file limit the agent warns at start.
+const MIN_DESCRIPTORS: u64 = 8192;
+
+/// The runtime's worker threads for `--workers`: as asked, or half the cores (at least one).
+fn worker_threads(asked: usize) -> usize {
+    if asked > 0 {
+        return asked;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / 2).max(1)
+}
+
 fn parse_target(s: &str) -> Result<Target, String> {
     s.parse()
         .map_err(|e: intercept::InterceptError| e.to_string())
@@ -417,6 +458,7 @@ pub fn run(state_dir: &Path, configured: Configured) -> anyhow::Result<()> {
         source,
         metrics_explicit,
     } = configured;
+    raise_descriptor_limit();
     if let Some(src) = &source {
         tracing::info!(config = %src.path.display(), "settings read from the configuration file (flags given on the command line win)");
     }
@@ -456,6 +498,7 @@ pub fn run(state_dir: &Path, configured: Configured) -> anyhow::Result<()> {
     let (audit, writer) = store.spawn_writer();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads(args.workers))
         .enable_all()
         .thread_name("mcptrail")
         .build()
@@ -1397,6 +1440,13 @@ mod tests {
         assert_eq!(parse_mark("0x6d637472"), Ok(DEFAULT_UPSTREAM_MARK));
         assert_eq!(parse_mark("42"), Ok(42));
         assert!(parse_mark("0xZZ").unwrap_err().contains("32-bit"));
+    }
+
+    #[test]
+    fn workers_are_as_asked_or_half_the_cores() {
+        assert_eq!(worker_threads(3), 3);
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(worker_threads(0), (cores / 2).max(1));
     }
 
     /// A targets change told apart by `added`, with a time of its own.

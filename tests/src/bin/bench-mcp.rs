@@ -685,11 +685,18 @@ fn profile(out: &str, case: &str) {
     let front = tls_front(addr, pki.server.clone());
     let ca_arg = pki.ca_file.to_str().unwrap().to_owned();
     let cg = TestCgroup::new("mcp-profile");
+    // `export`: the agent also ships its trail to a local OTLP receiver.
+    let (sink, received) = otlp_sink();
+    let sink_url = format!("http://{sink}");
+    let mut args = vec!["--durability", "buffered", "--upstream-ca", &ca_arg];
+    if case == "export" {
+        args.extend(["--export-otlp", sink_url.as_str()]);
+    }
     let agent = Agent::start_with(
         &work.path().join("p"),
         &cg,
         &[addr.to_string(), front.to_string()],
-        &["--durability", "buffered", "--upstream-ca", &ca_arg],
+        &args,
         false,
     );
     enter(&cg.path);
@@ -731,8 +738,11 @@ fn profile(out: &str, case: &str) {
             let t = new_connections(front, tls_client(roots_from_pem(&agent_ca)), 2000, false, 0);
             format!("TLS new connections one after another: median {t} us")
         }
-        "plain" => {
+        "plain" | "export" => {
             let lat = fixed_rate(addr, 1000, 8, 1024);
+            if case == "export" {
+                settled(&received);
+            }
             format!(
                 "plain keep-alive at 1,000/s: p50 {} us, p99 {} us",
                 pct(&lat, 0.5),
@@ -815,9 +825,10 @@ fn records_per_sec(dir: &Path, sync: bool, writers: usize, secs: u64) -> f64 {
     rate
 }
 
-/// `--profile FILE [--case saturation|tls|plain|connect]`: one case of the buffered, masking
-/// set-up (the saturation run, keep-alive calls at 1,000/s over TLS or plain HTTP, or new TLS
-/// connections one after another), with `perf record` (cpu-clock, call
+/// `--profile FILE [--case saturation|tls|plain|export|connect]`: one case of the buffered,
+/// masking set-up (the saturation run, keep-alive calls at 1,000/s over TLS or plain HTTP, the
+/// same plain calls with the OTLP export on, or new TLS connections one after another), with
+/// `perf record` (cpu-clock, call
 /// graphs) on the agent meanwhile; then `perf report` reads FILE.
 fn arg_after(flag: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -826,8 +837,47 @@ fn arg_after(flag: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// Keep-alive connections held open for the memory figure, as many of these as the open-file
+/// limit allows: each takes a descriptor in the client, the server and two in the agent.
+const IDLE_CONNECTIONS: u64 = 10_000;
+
+/// How many idle connections the open-file limit `hard` lets the agent hold (two descriptors
+/// each, and some to spare for its trail and programs).
+fn idle_connections(hard: u64) -> u64 {
+    IDLE_CONNECTIONS.min(hard.saturating_sub(1024) / 2)
+}
+
+/// `--hold ADDR N`: opens N keep-alive connections to ADDR, one small call on each, says
+/// `ready`, and holds them until its stdin closes.
+fn hold(addr: SocketAddr, n: u64) {
+    let rt = runtime(1);
+    let held: Vec<Sender> = rt.block_on(async {
+        let mut v = Vec::new();
+        for i in 0..n {
+            let mut s = connect(addr).await;
+            one_call(&mut s, i, 128, false).await;
+            v.push(s);
+        }
+        v
+    });
+    println!("ready");
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    drop(held);
+}
+
 fn main() {
     require_root();
+    // The soft descriptor limit up to the hard one; the agents started from here inherit it.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("reading the descriptor limit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raising the descriptor limit");
+    if let Some(addr) = arg_after("--hold") {
+        let n = std::env::args().next_back().and_then(|n| n.parse().ok());
+        return hold(
+            addr.parse().expect("--hold ADDR:PORT N"),
+            n.expect("--hold ADDR:PORT N"),
+        );
+    }
     let quick = quick();
     if let Some(out) = arg_after("--profile") {
         return profile(&out, &arg_after("--case").unwrap_or_default());
@@ -1093,6 +1143,8 @@ fn main() {
             r / h2_direct_rate.max(1.0)
         );
     }
+    let h2_p99_added = (hmed(1, 1) - hmed(0, 1)) as i64;
+    let h2_ratio = median(h2_sat[1].clone()) / h2_direct_rate.max(1.0);
     println!(
         "100 calls at once on one HTTP/2 connection (time to the last answer, microseconds; median):"
     );
@@ -1100,39 +1152,49 @@ fn main() {
         println!("{name:<30} {:>8.0}", median(h2_burst_us[k].clone()));
     }
 
-    // 1,000 connections held open through a fresh agent (buffered, masking), so that what
-    // the allocator kept from the runs above does not count.
+    // IDLE_CONNECTIONS connections held open through a fresh agent (buffered, masking), so
+    // that what the allocator kept from the runs above does not count.
     let mem_cg = TestCgroup::new("mcp-memory");
     let mem = start("m", &mem_cg, &["--durability", "buffered"]);
     let fresh_rss = rss_kib(mem.pid());
     // The agent hands freed heap back to the kernel every 10 s: wait for that.
     std::thread::sleep(Duration::from_secs(11));
     let after_runs_rss = rss_kib(buffered.pid());
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("reading the descriptor limit");
+    let idle = idle_connections(hard);
     enter(&mem_cg.path);
-    let rt = runtime(1);
-    let held: Vec<Sender> = rt.block_on(async {
-        let mut v = Vec::new();
-        for i in 0..1000u64 {
-            let mut s = connect(addr).await;
-            one_call(&mut s, i, 128, false).await;
-            v.push(s);
-        }
-        v
-    });
+    // The client side is a process of its own (this program with `--hold`), in the agent's
+    // cgroup: this one already holds the server's side of every connection.
+    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--hold", &addr.to_string(), &idle.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the connection holder");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready", "the connection holder failed");
     std::thread::sleep(Duration::from_millis(500));
     let busy_rss = rss_kib(mem.pid());
-    drop(held);
-    drop(rt);
+    let per_connection_kib = busy_rss.saturating_sub(fresh_rss) as f64 / idle as f64;
+    // Its stdin closing lets it go, and its connections with it.
+    drop(holder.stdin.take());
+    let _ = holder.wait();
     enter(direct_cg.path.parent().unwrap());
     drop(mem);
 
     println!();
     println!(
-        "Agent resident memory (buffered, release): idle {} MiB; a fresh agent with 1,000 open connections {} MiB ({} MiB before them, {:.0} KiB per connection)",
+        "Agent resident memory (buffered, release): idle {} MiB; a fresh agent with {idle} idle keep-alive connections {} MiB ({} MiB before them, {:.1} KiB per connection)",
         idle_rss / 1024,
         busy_rss / 1024,
         fresh_rss / 1024,
-        (busy_rss.saturating_sub(fresh_rss)) as f64 / 1000.0
+        per_connection_kib
     );
     println!(
         "  the agent that served the runs above, idle again (after its heap trim): {} MiB",
@@ -1214,6 +1276,24 @@ fn main() {
             new_added_cached <= 1000,
         ),
         (
+            "HTTP/2 p99 added, one connection, 1 KiB at 1,000/s".to_string(),
+            "<= 300 us".to_string(),
+            format!("{h2_p99_added} us"),
+            h2_p99_added <= 300,
+        ),
+        (
+            "HTTP/2 saturation, buffered + masking".to_string(),
+            ">= 0.60x direct".to_string(),
+            format!("{h2_ratio:.2}x"),
+            h2_ratio >= 0.6,
+        ),
+        (
+            "agent RSS per idle keep-alive connection".to_string(),
+            "<= 25 KiB".to_string(),
+            format!("{per_connection_kib:.1} KiB"),
+            per_connection_kib <= 25.0,
+        ),
+        (
             "agent RSS idle".to_string(),
             "<= 40 MB".to_string(),
             format!("{:.1} MB", idle_rss as f64 * 1024.0 / 1e6),
@@ -1244,16 +1324,28 @@ fn main() {
         ("  the same, exporting OTLP", &export_cg, exporting.pid()),
     ];
     let mut export_cpu: Vec<Vec<f64>> = vec![Vec::new(); pair.len()];
+    // Of the exporting agent: its CPU per call while the calls ran, and the records it had
+    // shipped by their end against all it shipped.
+    let (mut during, mut shipped) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         for (k, (_, cg, pid)) in pair.iter().enumerate() {
-            let (_, cpu) = in_setup(cg, Some(*pid), || {
+            let start = received.load(Ordering::Relaxed);
+            let ((calls_cpu, at_end), cpu) = in_setup(cg, Some(*pid), || {
+                let before = cpu_secs(*pid);
                 let lat = fixed_rate(addr, 1000, secs, 1024);
+                let calls = lat.len() as u64;
+                let calls_cpu = (cpu_secs(*pid) - before) * 1e6 / calls.max(1) as f64;
+                let at_end = received.load(Ordering::Relaxed);
                 // The export runs behind the calls: its work counts once it has caught up.
                 settled(&received);
-                let calls = lat.len() as u64;
-                (lat, calls)
+                ((calls_cpu, at_end), calls)
             });
             export_cpu[k].push(cpu);
+            if k == 1 {
+                during.push(calls_cpu);
+                let all = received.load(Ordering::Relaxed) - start;
+                shipped.push((at_end - start) as f64 / all.max(1) as f64);
+            }
         }
     }
     let cpu_off = median(export_cpu[0].clone());
@@ -1268,6 +1360,11 @@ fn main() {
     println!(
         "{:<30} {export_added:>+15.0} us/call",
         "  added by the export"
+    );
+    println!(
+        "  while the calls ran: agent CPU {:.0} us/call, {:.0}% of the records shipped by their end",
+        median(during),
+        100.0 * median(shipped)
     );
     // Throughput: `mcptrail export --format otlp` of a whole trail, as a host catching up.
     let before = received.load(Ordering::Relaxed);

@@ -187,6 +187,7 @@ impl Unanswered<'_> {
         why: &str,
         client_closed: bool,
     ) {
+        let mut events = Vec::with_capacity(pending.len() + 1);
         for exchange in pending.values() {
             let mut ev = conn.mcp_event(
                 exchange.clone(),
@@ -198,10 +199,10 @@ impl Unanswered<'_> {
             ev.client_closed = client_closed;
             ev.error = Some(serde_json::json!({"mcptrail": why}));
             ev.elapsed_us = Some(self.t0.elapsed().as_micros() as u64);
-            conn.record(Event::Mcp(Box::new(ev))).await;
+            events.push(Event::Mcp(Box::new(ev)));
         }
         if !self.is_mcp {
-            conn.record(conn.http_event(
+            events.push(conn.http_event(
                 self.http,
                 self.token,
                 ByteCounts {
@@ -210,9 +211,9 @@ impl Unanswered<'_> {
                 },
                 self.t0,
                 Some(why.to_owned()),
-            ))
-            .await;
+            ));
         }
+        conn.record_all(events).await;
     }
 }
 
@@ -686,6 +687,8 @@ async fn record_request(
     // Without a session, links reach as far as this connection.
     let scope = session.as_deref().unwrap_or(&conn.id).to_owned();
     let batch = plan.batch;
+    // A batch's records go as one write: the request waits for one sync, not one each.
+    let mut events = Vec::with_capacity(plan.items.len());
     for (i, item) in plan.items.into_iter().enumerate() {
         let exchange = format!("{base}.{i}");
         let m = match item.message {
@@ -703,7 +706,7 @@ async fn record_request(
                 });
                 e.batch = batch;
                 e.decision = unparsed_decision.clone();
-                out.ok &= conn.record(Event::Mcp(Box::new(e))).await;
+                events.push(Event::Mcp(Box::new(e)));
                 continue;
             }
         };
@@ -724,8 +727,9 @@ async fn record_request(
             e.logical_call = Some(logical);
             e.round = Some(round);
         }
-        out.ok &= conn.record(Event::Mcp(Box::new(e))).await;
+        events.push(Event::Mcp(Box::new(e)));
     }
+    out.ok &= conn.record_all(events).await;
     out
 }
 

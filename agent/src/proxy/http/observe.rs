@@ -56,6 +56,9 @@ pub struct Observed {
     pub codings_error: Option<String>,
 }
 
+/// Most records the writer task takes into one write.
+const WRITE_GROUP: usize = 256;
+
 /// What the observer hands its writer task.
 pub(super) enum Out {
     Record(Box<Event>),
@@ -94,15 +97,20 @@ impl Observed {
         self.writer = Some(writer.clone());
         let conn = self.conn.clone();
         let written = self.conn.parts.tracker.spawn(async move {
-            while let Some(out) = queue.recv().await {
-                match out {
-                    Out::Record(event) => {
-                        conn.record(*event).await;
+            let (mut taken, mut group, mut flushes) = (Vec::new(), Vec::new(), Vec::new());
+            // What queued while the last write was under way goes as one write: an SSE
+            // answer's events wait for one sync, not one each.
+            while queue.recv_many(&mut taken, WRITE_GROUP).await > 0 {
+                for out in taken.drain(..) {
+                    match out {
+                        Out::Record(event) => group.push(*event),
+                        Out::Flush(done) => flushes.push(done),
                     }
-                    // Everything queued before is written (durably, in sync mode).
-                    Out::Flush(done) => {
-                        let _ = done.send(());
-                    }
+                }
+                conn.record_all(std::mem::take(&mut group)).await;
+                // Everything queued before is written (durably, in sync mode).
+                for done in flushes.drain(..) {
+                    let _ = done.send(());
                 }
             }
         });

@@ -100,14 +100,25 @@ impl Conn {
 
     /// Appends a record; false (counted as a loss, and logged) when the trail cannot take it.
     pub async fn record(&self, event: Event) -> bool {
-        match self.parts.audit.append(event).await {
+        self.record_all(vec![event]).await
+    }
+
+    /// Appends the records of one step of an exchange (a batch's messages, what a response
+    /// carried) as one write, so that the step waits for one sync, not one per record; false
+    /// (each counted as a loss, and logged) when the trail cannot take them.
+    pub async fn record_all(&self, events: Vec<Event>) -> bool {
+        if events.is_empty() {
+            return true;
+        }
+        let n = events.len() as u64;
+        match self.parts.audit.append_all(events).await {
             Ok(_) => true,
             Err(e) => {
                 self.parts
                     .stats
                     .audit_losses
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, conn = %self.id, "could not record an MCP exchange: it is missing from the trail");
+                    .fetch_add(n, Ordering::Relaxed);
+                tracing::error!(error = %e, conn = %self.id, records = n, "could not record an MCP exchange: it is missing from the trail");
                 false
             }
         }
