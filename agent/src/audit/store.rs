@@ -1,8 +1,10 @@
 //! The primary store and its appenders.
 //!
 //! Producers append on their own threads: under one lock each seals its records (sequence
-//! number, previous hash) and writes them as one RocksDB batch, so the write-ahead log holds
-//! the chain in order and the lock is held for the WAL write only. In sync mode the caller
+//! number, previous hash, the chain's hash) and writes them as one RocksDB batch without a
+//! sync, so the write-ahead log holds the chain in order; nothing slower than that write (a
+//! sync, a signature, retention) happens under the lock, and a broken store is reopened at
+//! most every `REOPEN_EVERY`. In sync mode the caller
 //! then waits for the trail's thread, which syncs the WAL once for every record written before
 //! it (group commit), so a caller is told its sequence number only once its record is durable.
 //! The same thread signs the checkpoints that fall due, outside the lock. Retention runs on a
@@ -29,6 +31,8 @@ use super::{
     seq_key,
 };
 
+/// Least time between two attempts to reopen a broken store.
+const REOPEN_EVERY: Duration = Duration::from_millis(200);
 /// Requests to the trail's thread before a sync-mode append waits to queue its own.
 const QUEUE_DEPTH: usize = 8192;
 
@@ -113,6 +117,10 @@ pub struct Store {
     /// A write failed: RocksDB refuses further writes until the store is reopened, which the
     /// next write tries (so that freeing disk space is enough to recover).
     broken: bool,
+    /// When a reopen was last tried, while broken.
+    reopen_tried: Option<Instant>,
+    /// Least time between two reopen attempts.
+    reopen_every: Duration,
     durability: Durability,
     head: Head,
     /// This host's name as a JSON string, as every record carries it.
@@ -212,6 +220,8 @@ impl Store {
             path: state_dir.join(TRAIL_DIR),
             db: Some(Arc::new(db)),
             broken: false,
+            reopen_tried: None,
+            reopen_every: REOPEN_EVERY,
             durability: Durability::Sync,
             head,
             host_json: serde_json::to_string(&hostname()).expect("strings serialise"),
@@ -231,7 +241,7 @@ impl Store {
     }
 
     /// After a failed write: close and reopen the store, finding the head again. If the open
-    /// fails the store stays closed and `broken`, and the next write tries again.
+    /// fails the store stays closed and `broken`, and a write after `reopen_every` tries again.
     fn recover(&mut self) -> Result<(), AuditError> {
         self.reap_retention();
         if !self.broken {
@@ -242,6 +252,15 @@ impl Store {
             // write after the job ends reopens instead.
             return Err(AuditError::Closed);
         }
+        // Appenders run on the runtime's workers and hold the store's lock: while the disk
+        // stays full, one open per interval, and every other write fails at once.
+        if self
+            .reopen_tried
+            .is_some_and(|at| at.elapsed() < self.reopen_every)
+        {
+            return Err(AuditError::Closed);
+        }
+        self.reopen_tried = Some(Instant::now());
         // Closed before opening again: RocksDB allows one primary per folder.
         self.db = None;
         let db = DB::open_cf_descriptors(&db_options(), &self.path, cf_descriptors()).map_err(
@@ -308,7 +327,7 @@ impl Store {
                     std::thread::sleep(window);
                 }
             });
-        // This runs on the writer thread at a reopen, which must not panic: records still go
+        // This runs at a reopen (on an appender's thread), which must not panic: records still go
         // to the WAL, synced only when RocksDB flushes.
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the audit WAL sync thread");
@@ -349,7 +368,8 @@ impl Store {
 
     /// Removes the records that `retention` lets go, up to the newest checkpoint before its
     /// cutoff, and leaves a signed anchor so that the rest still verifies. Returns how many
-    /// records went. On this thread: the writer runs it on one of its own (`start_retention`).
+    /// records went. On this thread: the agent's trail thread runs it on one of its own
+    /// (`start_retention`).
     pub fn retain(&mut self, retention: &Retention) -> Result<u64, AuditError> {
         self.retain_at(retention, chrono::Utc::now().timestamp())
     }
@@ -551,6 +571,14 @@ impl Store {
         })
     }
 
+    /// A write on `db` failed outside the lock: the store must be reopened, unless it already
+    /// was (then `db` is the old instance and the new one is fine).
+    fn mark_broken(&mut self, db: &Arc<DB>) {
+        if self.db.as_ref().is_some_and(|open| Arc::ptr_eq(open, db)) {
+            self.broken = true;
+        }
+    }
+
     /// The open database, shared: for work done outside the appenders' lock (syncing the WAL,
     /// writing a checkpoint).
     fn db_shared(&self) -> Result<Arc<DB>, AuditError> {
@@ -635,7 +663,6 @@ fn checkpoint_shared(store: &Mutex<Store>) -> Result<(), AuditError> {
         )
         .and_then(|()| db.flush_wal(true))
         .map_err(AuditError::Write);
-    drop(db);
     let mut s = lock(store);
     match written {
         Ok(()) => {
@@ -646,7 +673,7 @@ fn checkpoint_shared(store: &Mutex<Store>) -> Result<(), AuditError> {
             Ok(())
         }
         Err(e) => {
-            s.broken = true;
+            s.mark_broken(&db);
             Err(e)
         }
     }
@@ -660,15 +687,14 @@ fn sync_wal(store: &Mutex<Store>) -> Result<(), AuditError> {
     crate::metrics::get()
         .fsync_seconds
         .observe(started.elapsed().as_secs_f64());
-    drop(db);
     if r.is_err() {
-        lock(store).broken = true;
+        lock(store).mark_broken(&db);
     }
     r
 }
 
 /// Retention's work, on whichever thread runs it. It reads and writes only below the head,
-/// so the writer goes on appending meanwhile.
+/// so appends go on meanwhile.
 fn retain_in(
     db: &DB,
     path: &Path,
@@ -781,7 +807,7 @@ fn retain_in(
     db.write_opt(batch, &wo).map_err(AuditError::Write)?;
     // Give the space back now rather than at the next compaction. Not exclusive: an exclusive
     // one holds off the automatic compactions, so the level-0 files of the records appended
-    // meanwhile pile up, and past RocksDB's triggers it slows the writer down.
+    // meanwhile pile up, and past RocksDB's triggers it slows the appenders down.
     let mut compact = rocksdb::CompactOptions::default();
     compact.set_exclusive_manual_compaction(false);
     for name in [CF_RECORDS, CF_CHAIN] {
@@ -842,7 +868,7 @@ pub fn hostname() -> String {
 }
 
 /// An event made ready for the trail by the thread that produced it: its JSON and its index
-/// keys. At saturation the single writer thread was the agent's busiest; serialising on the
+/// keys. At saturation the old single writer thread was the agent's busiest; serialising on the
 /// producers' threads leaves it only the chain, and frees each event where it was allocated.
 pub struct Encoded {
     json: Vec<u8>,
@@ -905,6 +931,12 @@ fn trail_loop(
                 let _ = done.send(r.clone());
             }
         }
+        // A due checkpoint may have been signed since it was asked for (appends go on asking
+        // until the signature is recorded): sign again only if it is still due.
+        let checkpoint_due = checkpoint_due && {
+            let s = lock(store);
+            s.checkpoint_due(&s.head)
+        };
         if checkpoint_due || !checkpoints.is_empty() {
             let r = checkpoint_shared(store).map_err(|e| e.to_string());
             // An idle trail reopens here (the agent asks for a checkpoint on a timer), and
@@ -920,7 +952,7 @@ fn trail_loop(
     }
     let mut store = lock(store);
     // A running retention job ends first: its handle would keep the store open past the
-    // writer, and the process may exit under it.
+    // trail's thread, and the process may exit under it.
     store.join_retention();
     // Flushing on the way out keeps the next open fast; the WAL already made it durable.
     match store.db() {
@@ -1243,6 +1275,8 @@ mod tests {
         assert_eq!(store.append_group([stop("a"), stop("b")]).unwrap(), [1, 2]);
         store.broken = true;
         store.db = None;
+        // Every write tries to reopen; `reopens_are_spaced` tests the spacing.
+        store.reopen_every = Duration::ZERO;
         let blocker =
             DB::open_cf_descriptors(&db_options(), &store.path, cf_descriptors()).unwrap();
         (store, blocker)
@@ -1274,6 +1308,25 @@ mod tests {
         drop(blocker);
         assert_eq!(store.append_group([stop("d")]).unwrap(), [3]);
         assert_eq!(store.last_record().unwrap().map(|r| r.seq), Some(3));
+    }
+
+    #[test]
+    fn reopens_are_spaced_and_writes_between_them_fail_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, blocker) = closed_store(dir.path());
+        store.reopen_every = Duration::from_millis(300);
+        assert!(matches!(
+            store.append_group([stop("c")]),
+            Err(AuditError::Open { .. })
+        ));
+        drop(blocker);
+        // Within the interval: no open is tried, even though one would now succeed.
+        assert!(matches!(
+            store.append_group([stop("d")]),
+            Err(AuditError::Closed)
+        ));
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(store.append_group([stop("e")]).unwrap(), [3]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

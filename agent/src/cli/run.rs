@@ -155,9 +155,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
     pub capture_limit: usize,
 
-    /// Threads that serve connections (0: half the cores, at least one). The agent shares the
-    /// host with the clients it audits, and a call handed between threads costs a wake-up
-    /// each time: on a 2-core host one thread does more calls per CPU second than two.
+    /// Threads that serve connections (0: one per core). Fewer threads cost less CPU per call
+    /// at light load (a call handed between threads costs a wake-up), but cap the agent's
+    /// throughput at that many cores: on a 2-core host, 1 took a third less CPU per call at
+    /// 1,000 calls/s of 1 KiB and fell behind at 2,000 calls/s of 16 KiB (see BENCHMARKS.md).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub workers: usize,
 
@@ -353,13 +354,12 @@ fn raise_descriptor_limit() {
 /// Below this open-file limit the agent warns at start.
 const MIN_DESCRIPTORS: u64 = 8192;
 
-/// The runtime's worker threads for `--workers`: as asked, or half the cores (at least one).
+/// The runtime's worker threads for `--workers`: as asked, or one per core.
 fn worker_threads(asked: usize) -> usize {
     if asked > 0 {
         return asked;
     }
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    (cores / 2).max(1)
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn parse_target(s: &str) -> Result<Target, String> {
@@ -518,7 +518,7 @@ pub fn run(state_dir: &Path, configured: Configured) -> anyhow::Result<()> {
     drop(runtime);
     writer
         .join()
-        .map_err(|_| anyhow::anyhow!("the audit writer thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("the audit trail thread panicked"))?;
     result
 }
 
@@ -1443,10 +1443,10 @@ mod tests {
     }
 
     #[test]
-    fn workers_are_as_asked_or_half_the_cores() {
+    fn workers_are_as_asked_or_one_per_core() {
         assert_eq!(worker_threads(3), 3);
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        assert_eq!(worker_threads(0), (cores / 2).max(1));
+        assert_eq!(worker_threads(0), cores);
     }
 
     /// A targets change told apart by `added`, with a time of its own.

@@ -1227,7 +1227,7 @@ fn main() {
     );
     drop((buffered, sync, plain));
 
-    // Issue 8's targets, against this run's own figures.
+    // The targets, against this run's own figures.
     // The target names "the disk's fsync latency": read with the median fsync, and with the
     // p99 one (a p99 against a p99), both shown.
     let sync_target = 2 * fsync as i64 + 300;
