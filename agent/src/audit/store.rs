@@ -1,10 +1,11 @@
 //! The primary store and its appenders.
 //!
-//! Producers append on their own threads: under one lock each seals its records (sequence
-//! number, previous hash, the chain's hash) and writes them as one RocksDB batch without a
-//! sync, so the write-ahead log holds the chain in order; nothing slower than that write (a
-//! sync, a signature, retention) happens under the lock, and a broken store is reopened at
-//! most every `REOPEN_EVERY`. In sync mode the caller
+//! Producers append on their own threads. Each queues its records; the first to find no write
+//! under way leads and, under one lock, seals everything queued (sequence number, previous
+//! hash, the chain's hash) and writes it as one RocksDB batch without a sync, so the
+//! write-ahead log holds the chain in order; the others wait without holding their threads.
+//! Nothing slower than that write (a sync, a signature, retention) happens under the lock,
+//! and a broken store is reopened at most every `REOPEN_EVERY`. In sync mode the caller
 //! then waits for the trail's thread, which syncs the WAL once for every record written before
 //! it (group commit), so a caller is told its sequence number only once its record is durable.
 //! The same thread signs the checkpoints that fall due, outside the lock. Retention runs on a
@@ -619,6 +620,7 @@ impl Store {
                     sync,
                     checkpoint_asked,
                     syncs,
+                    queue: Mutex::new(Queue::default()),
                 }),
             },
             handle,
@@ -977,6 +979,112 @@ struct Shared {
     checkpoint_asked: Arc<AtomicBool>,
     /// WAL syncs the trail's thread made for sync-mode appends.
     syncs: Arc<AtomicU64>,
+    /// Appends waiting for the leading caller to write them.
+    queue: Mutex<Queue>,
+}
+
+/// Appends waiting to be written, and whether a caller is writing.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Queued>,
+    leading: bool,
+}
+
+/// One caller's records, and where to answer with their sequence numbers.
+struct Queued {
+    events: Vec<Encoded>,
+    done: oneshot::Sender<Result<Vec<u64>, String>>,
+}
+
+fn lock_queue(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    queue
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The caller (or, under load, the task) that writes for everyone while it leads. Dropped
+/// while it leads, it writes what is left, so no waiting caller is stranded.
+struct Leading {
+    shared: Arc<Shared>,
+    ended: bool,
+}
+
+impl Leading {
+    async fn run(mut self) {
+        while self.next() {
+            // Between groups, the worker's other tasks run: under sustained load a leader
+            // would otherwise hold its thread.
+            tokio::task::yield_now().await;
+        }
+        self.ended = true;
+    }
+
+    /// True when more is queued (and the lead is kept); false, giving it up, when not.
+    fn keep_leading(&self) -> bool {
+        let mut q = lock_queue(&self.shared.queue);
+        if q.pending.is_empty() {
+            q.leading = false;
+            return false;
+        }
+        true
+    }
+
+    /// Writes the next group; false, giving up the lead, when nothing is queued.
+    fn next(&self) -> bool {
+        let group = {
+            let mut q = lock_queue(&self.shared.queue);
+            if q.pending.is_empty() {
+                q.leading = false;
+                return false;
+            }
+            std::mem::take(&mut q.pending)
+        };
+        self.shared.write_group(group);
+        true
+    }
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        if !self.ended {
+            while self.next() {}
+        }
+    }
+}
+
+impl Shared {
+    /// Seals and writes the queued appends as one batch and answers each.
+    fn write_group(&self, group: Vec<Queued>) {
+        let mut events = Vec::new();
+        let mut answers = Vec::with_capacity(group.len());
+        for q in group {
+            answers.push((q.events.len(), q.done));
+            events.extend(q.events);
+        }
+        let appended = lock(&self.store).append_encoded(&events, false);
+        match appended {
+            Ok(appended) => {
+                if appended.checkpoint_due && !self.checkpoint_asked.swap(true, Ordering::Relaxed) {
+                    // Not waited for: if the queue is full the next append asks again.
+                    if self.tx.try_send(Request::CheckpointDue).is_err() {
+                        self.checkpoint_asked.store(false, Ordering::Relaxed);
+                    }
+                }
+                let mut seqs = appended.seqs.into_iter();
+                for (n, done) in answers {
+                    let _ = done.send(Ok(seqs.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, records = events.len(), "audit write failed");
+                let msg = e.to_string();
+                for (_, done) in answers {
+                    let _ = done.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// A cheap, cloneable handle for appending to the trail from async code.
@@ -1010,7 +1118,7 @@ impl AuditLog {
         let kinds: Vec<&'static str> = events.iter().map(Event::kind).collect();
         let encoded: Vec<Encoded> = events.iter().map(Encoded::new).collect();
         drop(events);
-        let result = self.write(&encoded).await;
+        let result = self.write(encoded).await;
         let m = crate::metrics::get();
         match &result {
             Ok(seqs) => {
@@ -1034,27 +1142,44 @@ impl AuditLog {
         result
     }
 
-    /// Seals and writes on the caller's thread, under the lock that keeps the chain in the
-    /// WAL's order. A write is a few tens of microseconds, and a thread of its own would cost
-    /// two wake-ups per record; in sync mode the fsync, which is longer, happens on the
-    /// trail's thread, once for every record written before it.
-    async fn write(&self, encoded: &[Encoded]) -> Result<Vec<u64>, AuditError> {
-        let shared = &self.shared;
-        let appended = lock(&shared.store).append_encoded(encoded, false);
-        let appended = match appended {
-            Ok(a) => a,
-            Err(e) => {
-                shared.healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, records = encoded.len(), "audit write failed");
-                return Err(e);
-            }
+    /// Seals and writes on a caller's thread: the first caller to find no write under way
+    /// leads, and writes everything queued meanwhile as one batch, under the lock that keeps
+    /// the chain in the WAL's order; the others wait without holding their threads. At light
+    /// load each caller writes its own records (no thread is woken); under load the writes
+    /// group, as the old writer thread grouped them, without its two wake-ups per record. In
+    /// sync mode the fsync, which is longer, happens on the trail's thread, once for every
+    /// record written before it.
+    async fn write(&self, encoded: Vec<Encoded>) -> Result<Vec<u64>, AuditError> {
+        let shared = &*self.shared;
+        let (done, wait) = oneshot::channel();
+        let lead = {
+            let mut q = lock_queue(&shared.queue);
+            q.pending.push(Queued {
+                events: encoded,
+                done,
+            });
+            !std::mem::replace(&mut q.leading, true)
         };
-        if appended.checkpoint_due && !shared.checkpoint_asked.swap(true, Ordering::Relaxed) {
-            // Not waited for: if the queue is full the next append asks again.
-            if shared.tx.try_send(Request::CheckpointDue).is_err() {
-                shared.checkpoint_asked.store(false, Ordering::Relaxed);
+        if lead {
+            let mut leading = Leading {
+                shared: self.shared.clone(),
+                ended: false,
+            };
+            // The group that holds this caller's own records.
+            leading.next();
+            if leading.keep_leading() {
+                // What queued meanwhile is led on by a task of its own, so that this caller
+                // is not held behind other callers' records.
+                tokio::spawn(leading.run());
+            } else {
+                leading.ended = true;
             }
         }
+        let seqs = match wait.await {
+            Ok(Ok(seqs)) => seqs,
+            Ok(Err(msg)) => return Err(AuditError::Rejected(msg)),
+            Err(_) => return Err(AuditError::WriterGone),
+        };
         if shared.sync {
             let (done, wait) = oneshot::channel();
             shared
@@ -1069,7 +1194,7 @@ impl AuditLog {
             }
         }
         shared.healthy.store(true, Ordering::Relaxed);
-        Ok(appended.seqs)
+        Ok(seqs)
     }
 
     /// Applies the retention policy; returns how many records went.

@@ -738,6 +738,14 @@ fn profile(out: &str, case: &str) {
             let t = new_connections(front, tls_client(roots_from_pem(&agent_ca)), 2000, false, 0);
             format!("TLS new connections one after another: median {t} us")
         }
+        "heavy" => {
+            let lat = fixed_rate(addr, 2000, 8, 16 * 1024);
+            format!(
+                "plain keep-alive, 16 KiB at 2,000/s: p50 {} us, p99 {} us",
+                pct(&lat, 0.5),
+                pct(&lat, 0.99)
+            )
+        }
         "plain" | "export" => {
             let lat = fixed_rate(addr, 1000, 8, 1024);
             if case == "export" {
@@ -825,9 +833,10 @@ fn records_per_sec(dir: &Path, sync: bool, writers: usize, secs: u64) -> f64 {
     rate
 }
 
-/// `--profile FILE [--case saturation|tls|plain|export|connect]`: one case of the buffered,
-/// masking set-up (the saturation run, keep-alive calls at 1,000/s over TLS or plain HTTP, the
-/// same plain calls with the OTLP export on, or new TLS connections one after another), with
+/// `--profile FILE [--case saturation|tls|plain|heavy|export|connect]`: one case of the
+/// buffered, masking set-up (the saturation run, keep-alive calls at 1,000/s over TLS or plain
+/// HTTP, 16 KiB calls at 2,000/s, the plain calls with the OTLP export on, or new TLS
+/// connections one after another), with
 /// `perf record` (cpu-clock, call
 /// graphs) on the agent meanwhile; then `perf report` reads FILE.
 fn arg_after(flag: &str) -> Option<String> {
@@ -1237,67 +1246,67 @@ fn main() {
             "p99 added, buffered + masking, 1 KiB at 1,000/s".to_string(),
             "<= 300 us".to_string(),
             format!("{} us", p99_added_1k_1000[1]),
-            p99_added_1k_1000[1] <= 300,
+            judge(p99_added_1k_1000[1], 300),
         ),
         (
             "p99 added, sync + masking, 1 KiB at 1,000/s".to_string(),
             format!("<= 2 x fsync p50 + 300 = {sync_target} us"),
             format!("{} us", p99_added_1k_1000[2]),
-            p99_added_1k_1000[2] <= sync_target,
+            judge(p99_added_1k_1000[2], sync_target),
         ),
         (
             "  (the same, with the fsync p99)".to_string(),
             format!("<= 2 x fsync p99 + 300 = {sync_target99} us"),
             format!("{} us", p99_added_1k_1000[2]),
-            p99_added_1k_1000[2] <= sync_target99,
+            judge(p99_added_1k_1000[2], sync_target99),
         ),
         (
             "saturation, buffered + masking".to_string(),
             ">= 0.60x direct".to_string(),
             format!("{:.2}x", ratios[1]),
-            ratios[1] >= 0.6,
+            Some(ratios[1] >= 0.6),
         ),
         (
             "durable records/s, sync, group commit".to_string(),
             ">= 20,000".to_string(),
             format!("{durable_sync:.0}"),
-            durable_sync >= 20_000.0,
+            Some(durable_sync >= 20_000.0),
         ),
         (
             "TLS keep-alive p99 added, buffered + masking, 1 KiB at 1,000/s".to_string(),
             "<= 300 us".to_string(),
             format!("{tls_p99_added} us"),
-            tls_p99_added <= 300,
+            judge(tls_p99_added, 300),
         ),
         (
             "TLS new connection added, leaf cached".to_string(),
             "<= 1,000 us".to_string(),
             format!("{new_added_cached} us"),
-            new_added_cached <= 1000,
+            Some(new_added_cached <= 1000),
         ),
         (
             "HTTP/2 p99 added, one connection, 1 KiB at 1,000/s".to_string(),
             "<= 300 us".to_string(),
             format!("{h2_p99_added} us"),
-            h2_p99_added <= 300,
+            judge(h2_p99_added, 300),
         ),
         (
             "HTTP/2 saturation, buffered + masking".to_string(),
             ">= 0.60x direct".to_string(),
             format!("{h2_ratio:.2}x"),
-            h2_ratio >= 0.6,
+            Some(h2_ratio >= 0.6),
         ),
         (
             "agent RSS per idle keep-alive connection".to_string(),
             "<= 25 KiB".to_string(),
             format!("{per_connection_kib:.1} KiB"),
-            per_connection_kib <= 25.0,
+            Some(per_connection_kib <= 25.0),
         ),
         (
             "agent RSS idle".to_string(),
             "<= 40 MB".to_string(),
             format!("{:.1} MB", idle_rss as f64 * 1024.0 / 1e6),
-            idle_rss as f64 * 1024.0 <= 40e6,
+            Some(idle_rss as f64 * 1024.0 <= 40e6),
         ),
     ];
     println!();
@@ -1400,7 +1409,17 @@ fn main() {
     for (what, target, got, met) in rows {
         println!(
             "{what:<50} {target:>28} {got:>10}  {}",
-            if met { "met" } else { "NOT met" }
+            match met {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "inconclusive (the direct path's own p99 was the higher: run again)",
+            }
         );
     }
+}
+
+/// An added-latency target: a negative difference says the direct path was the noisier in
+/// this run, not that the agent met its target.
+fn judge(added: i64, target: i64) -> Option<bool> {
+    (added >= 0).then_some(added <= target)
 }
