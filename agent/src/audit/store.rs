@@ -635,12 +635,20 @@ struct Appended {
     checkpoint_due: bool,
 }
 
-/// The store behind the appenders' lock; a panic while it was held leaves the head as it was
-/// (it moves only after a write), so a poisoned lock is still a consistent store.
-fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
-    store
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The store (or the append queue) behind its lock. A panic while the store's was held leaves
+/// the head as it was (it moves only after a write), and the queue is a list of senders, so a
+/// poisoned lock still guards a consistent value.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the trail's thread or a leading caller answered.
+async fn answer<T>(wait: oneshot::Receiver<Result<T, String>>) -> Result<T, AuditError> {
+    match wait.await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(msg)) => Err(AuditError::Rejected(msg)),
+        Err(_) => Err(AuditError::WriterGone),
+    }
 }
 
 /// Signs a checkpoint of the head, if anything was written since the last one, holding the
@@ -996,12 +1004,6 @@ struct Queued {
     done: oneshot::Sender<Result<Vec<u64>, String>>,
 }
 
-fn lock_queue(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    queue
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The caller (or, under load, the task) that writes for everyone while it leads. Dropped
 /// while it leads, it writes what is left, so no waiting caller is stranded.
 struct Leading {
@@ -1021,7 +1023,7 @@ impl Leading {
 
     /// True when more is queued (and the lead is kept); false, giving it up, when not.
     fn keep_leading(&self) -> bool {
-        let mut q = lock_queue(&self.shared.queue);
+        let mut q = lock(&self.shared.queue);
         if q.pending.is_empty() {
             q.leading = false;
             return false;
@@ -1032,7 +1034,7 @@ impl Leading {
     /// Writes the next group; false, giving up the lead, when nothing is queued.
     fn next(&self) -> bool {
         let group = {
-            let mut q = lock_queue(&self.shared.queue);
+            let mut q = lock(&self.shared.queue);
             if q.pending.is_empty() {
                 q.leading = false;
                 return false;
@@ -1153,7 +1155,7 @@ impl AuditLog {
         let shared = &*self.shared;
         let (done, wait) = oneshot::channel();
         let lead = {
-            let mut q = lock_queue(&shared.queue);
+            let mut q = lock(&shared.queue);
             q.pending.push(Queued {
                 events: encoded,
                 done,
@@ -1175,11 +1177,7 @@ impl AuditLog {
                 leading.ended = true;
             }
         }
-        let seqs = match wait.await {
-            Ok(Ok(seqs)) => seqs,
-            Ok(Err(msg)) => return Err(AuditError::Rejected(msg)),
-            Err(_) => return Err(AuditError::WriterGone),
-        };
+        let seqs = answer(wait).await?;
         if shared.sync {
             let (done, wait) = oneshot::channel();
             shared
@@ -1187,11 +1185,7 @@ impl AuditLog {
                 .send(Request::Sync(done))
                 .await
                 .map_err(|_| AuditError::WriterGone)?;
-            match wait.await {
-                Ok(Ok(())) => {}
-                Ok(Err(msg)) => return Err(AuditError::Rejected(msg)),
-                Err(_) => return Err(AuditError::WriterGone),
-            }
+            answer(wait).await?;
         }
         shared.healthy.store(true, Ordering::Relaxed);
         Ok(seqs)
@@ -1205,11 +1199,7 @@ impl AuditLog {
             .send(Request::Retain(retention, done))
             .await
             .map_err(|_| AuditError::WriterGone)?;
-        match wait.await {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(msg)) => Err(AuditError::Rejected(msg)),
-            Err(_) => Err(AuditError::WriterGone),
-        }
+        answer(wait).await
     }
 
     /// Signs a checkpoint of everything written so far (nothing if nothing is new).
@@ -1220,11 +1210,7 @@ impl AuditLog {
             .send(Request::Checkpoint(done))
             .await
             .map_err(|_| AuditError::WriterGone)?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(msg)) => Err(AuditError::Rejected(msg)),
-            Err(_) => Err(AuditError::WriterGone),
-        }
+        answer(wait).await
     }
 }
 
