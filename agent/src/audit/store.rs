@@ -1339,6 +1339,43 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_dropped_while_it_leads_writes_what_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, writer) = Store::open(dir.path()).unwrap().spawn_writer();
+        // Two callers' records queued behind a leader that is then dropped (its future
+        // cancelled) before it wrote them.
+        let mut waits = Vec::new();
+        {
+            let mut q = lock(&log.shared.queue);
+            q.leading = true;
+            for name in ["a", "b"] {
+                let (done, wait) = oneshot::channel();
+                q.pending.push(Queued {
+                    events: vec![Encoded::new(&stop(name))],
+                    done,
+                });
+                waits.push(wait);
+            }
+        }
+        drop(Leading {
+            shared: log.shared.clone(),
+            ended: false,
+        });
+        let mut seqs = Vec::new();
+        for wait in waits {
+            let answered = tokio::time::timeout(Duration::from_secs(30), answer(wait))
+                .await
+                .expect("a waiting caller was stranded");
+            seqs.extend(answered.unwrap());
+        }
+        assert_eq!(seqs, [1, 2]);
+        assert!(!lock(&log.shared.queue).leading, "the lead is given up");
+        assert_eq!(log.append(stop("c")).await.unwrap(), 3);
+        drop(log);
+        writer.join().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn buffered_appends_do_not_wait_for_a_sync() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(dir.path()).unwrap();
