@@ -88,6 +88,7 @@ pub struct ProxySection {
     pub policy: Option<PathBuf>,
     pub listen_port: Option<u16>,
     pub connect_timeout: Option<u64>,
+    pub upstream_idle: Option<u64>,
     pub capture_limit: Option<usize>,
     pub shutdown_grace: Option<u64>,
     pub workers: Option<usize>,
@@ -198,6 +199,7 @@ impl ConfigFile {
         take_some!(p.policy, policy);
         take!(p.listen_port, listen_port);
         take!(p.connect_timeout, connect_timeout);
+        take!(p.upstream_idle, upstream_idle);
         take!(p.capture_limit, capture_limit);
         take!(p.shutdown_grace, shutdown_grace);
         take!(p.workers, workers);
@@ -297,6 +299,7 @@ restart_settings!(
     buffered_window_ms,
     capture_limit,
     connect_timeout,
+    upstream_idle,
     tls_mode,
     upstream_ca,
     shutdown_grace,
@@ -381,6 +384,7 @@ mod tests {
         let p = &all.proxy;
         assert!(p.policy.is_some() && p.listen_port.is_some() && p.connect_timeout.is_some());
         assert!(p.capture_limit.is_some() && p.shutdown_grace.is_some());
+        assert!(p.workers.is_some() && p.upstream_idle.is_some());
         let t = &all.trail;
         assert!(t.durability.is_some() && t.buffered_window_ms.is_some());
         assert!(t.on_audit_failure.is_some() && t.retain_days.is_some() && t.retain_mb.is_some());

@@ -166,6 +166,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub connect_timeout: u64,
 
+    /// Seconds an HTTP/1.1 gateway connection may sit unused before it is closed while its
+    /// client's connection stays open; the client's next request opens another (0: kept for as
+    /// long as the client's). An idle keep-alive client then costs the agent about half the
+    /// memory, and the gateway no connection.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub upstream_idle: u64,
+
     /// How TLS connections to the targets are handled when no `[[tls.gateways]]` entry of
     /// the policy says: `terminate` decrypts them (clients are shown a leaf from the host CA,
     /// see `mcptrail ca`; the gateway's certificate is verified) so that the policy applies and
@@ -673,6 +680,8 @@ async fn serve(
         audit.clone(),
         proxy::Settings {
             connect_timeout: Duration::from_secs(args.connect_timeout),
+            upstream_idle: (args.upstream_idle > 0)
+                .then(|| Duration::from_secs(args.upstream_idle)),
             identifier,
             verifier: verifier.clone(),
             policy: live.clone(),

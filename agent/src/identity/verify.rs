@@ -181,7 +181,9 @@ impl Verifier {
             fingerprint: fingerprint.clone(),
             ..Default::default()
         };
-        let outcome = self.evaluate(raw, &mut token).await;
+        // Boxed: a JWKS fetch's state is kilobytes, and every request's handler would carry it
+        // inline though a cached token needs none of it.
+        let outcome = Box::pin(self.evaluate(raw, &mut token)).await;
         let ttl = match outcome {
             Ok(()) => {
                 token.verified = true;

@@ -108,6 +108,9 @@ impl ProxyError {
 
 pub struct Settings {
     pub connect_timeout: Duration,
+    /// A client's gateway connection unused this long is closed, and reopened by its next
+    /// request (None: kept for as long as the client's).
+    pub upstream_idle: Option<Duration>,
     /// Reads who the calling process is.
     pub identifier: Arc<crate::process::Identifier>,
     /// Verifies the service tokens requests carry.
@@ -429,6 +432,7 @@ impl Shared {
                 verifier: self.settings.verifier.clone(),
                 policy: self.settings.policy.clone(),
                 approvals: self.settings.approvals.clone(),
+                upstream_idle: self.settings.upstream_idle,
             },
             shared_process.clone(),
             conn_info,
@@ -556,7 +560,7 @@ pub async fn serve_client<C: Io>(
     client: C,
     route: Route,
     active: Arc<Active>,
-    mut conn: http::records::Conn,
+    conn: http::records::Conn,
 ) -> Served {
     let gateway = active.gateway;
     let mut client = stall::StallGuard::new(client, gateway.stalled_client);
@@ -619,6 +623,24 @@ pub async fn serve_client<C: Io>(
         };
         return Served::ended(Some(protocol), result);
     };
+    // Boxed: the TLS path's state is several times the plain path's, and a plain connection
+    // would otherwise carry it in its task for as long as it stays open (about 6 KiB each,
+    // measured on 2026-12-01).
+    Box::pin(serve_tls(client, first, route, active, conn, ctx, protocol)).await
+}
+
+/// A connection that opened with a TLS ClientHello, with termination set up: its hello read,
+/// then passed through or terminated into the HTTP pipeline, per its gateway's mode.
+async fn serve_tls<C: Io>(
+    mut client: stall::StallGuard<C>,
+    first: Vec<u8>,
+    route: Route,
+    active: Arc<Active>,
+    mut conn: http::records::Conn,
+    ctx: Arc<tls::TlsContext>,
+    protocol: Protocol,
+) -> Served {
+    let gateway = &active.gateway;
     let (hello, first) =
         match tls::read_client_hello(&mut client, first, gateway.first_bytes_timeout).await {
             Ok(h) => h,

@@ -688,7 +688,13 @@ fn profile(out: &str, case: &str) {
     // `export`: the agent also ships its trail to a local OTLP receiver.
     let (sink, received) = otlp_sink();
     let sink_url = format!("http://{sink}");
-    let mut args = vec!["--durability", "buffered", "--upstream-ca", &ca_arg];
+    // `heavy-sync`: the heavy case with every record synced before its step goes on.
+    let durability = if case == "heavy-sync" {
+        "sync"
+    } else {
+        "buffered"
+    };
+    let mut args = vec!["--durability", durability, "--upstream-ca", &ca_arg];
     if case == "export" {
         args.extend(["--export-otlp", sink_url.as_str()]);
     }
@@ -700,6 +706,13 @@ fn profile(out: &str, case: &str) {
         false,
     );
     enter(&cg.path);
+    if case == "memory" {
+        // No perf: this case is for a heap profiler wrapped around the agent (MCPTRAIL_BIN).
+        let what = hold_idle(&agent, addr, 2000);
+        enter(cg.path.parent().unwrap());
+        println!("{what}");
+        return;
+    }
     let mut perf = std::process::Command::new("perf")
         .args([
             "record",
@@ -738,13 +751,21 @@ fn profile(out: &str, case: &str) {
             let t = new_connections(front, tls_client(roots_from_pem(&agent_ca)), 2000, false, 0);
             format!("TLS new connections one after another: median {t} us")
         }
-        "heavy" => {
-            let lat = fixed_rate(addr, 2000, 8, 16 * 1024);
-            format!(
-                "plain keep-alive, 16 KiB at 2,000/s: p50 {} us, p99 {} us",
-                pct(&lat, 0.5),
-                pct(&lat, 0.99)
-            )
+        "heavy" | "heavy-sync" => {
+            // Three rounds of 1,000/s then 2,000/s, as the full run gives one agent: the
+            // store's flushes and compactions build up across them.
+            let mut out = format!("plain keep-alive, 16 KiB, {durability}:");
+            for round in 1..=3 {
+                for rate in [1000, 2000] {
+                    let lat = fixed_rate(addr, rate, 5, 16 * 1024);
+                    out += &format!(
+                        "\n  round {round}, {rate}/s: p50 {} us, p99 {} us",
+                        pct(&lat, 0.5),
+                        pct(&lat, 0.99)
+                    );
+                }
+            }
+            out + &format!("\n  {}", store_stalls(&work.path().join("p")))
         }
         "plain" | "export" => {
             let lat = fixed_rate(addr, 1000, 8, 1024);
@@ -768,6 +789,72 @@ fn profile(out: &str, case: &str) {
         "profiled {what}; `perf report -i {out} --no-children` shows where the agent's time goes"
     );
     drop(agent);
+}
+
+/// The agent's RSS with connections held through it (KiB, and KiB per connection above the
+/// RSS before them).
+struct Held {
+    /// Half a second after the last call on them.
+    just_used: (u64, f64),
+    /// After the agent's `--upstream-idle` (its default, 15 s) has closed their gateway
+    /// connections and its heap trim (every 10 s) has handed the freed memory back.
+    idle: (u64, f64),
+}
+
+/// Holds `n` keep-alive connections through `agent` (whose cgroup the caller has entered)
+/// from a process of its own (this program with `--hold`: this one already holds the
+/// server's side of every connection), and reads the agent's RSS while they are held.
+fn hold_and_measure(agent: &Agent, addr: SocketAddr, n: u64, before: u64) -> Held {
+    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--hold", &addr.to_string(), &n.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the connection holder");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready", "the connection holder failed");
+    let per = |rss: u64| (rss, rss.saturating_sub(before) as f64 / n as f64);
+    std::thread::sleep(Duration::from_millis(500));
+    let just_used = per(rss_kib(agent.pid()));
+    // 15 s unused, up to half of it more before the check sees it, then a heap trim.
+    std::thread::sleep(Duration::from_secs(15 + 8 + 11));
+    let idle = per(rss_kib(agent.pid()));
+    // Its stdin closing lets it go, and its connections with it.
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    Held { just_used, idle }
+}
+
+/// `--case memory`: `n` idle connections held through the profiled agent, for a heap profiler.
+fn hold_idle(agent: &Agent, addr: SocketAddr, n: u64) -> String {
+    let before = rss_kib(agent.pid());
+    let held = hold_and_measure(agent, addr, n, before);
+    format!(
+        "{n} keep-alive connections ({} MiB before them): just used {} MiB, {:.1} KiB per connection; idle {} MiB, {:.1} KiB per connection",
+        before / 1024,
+        held.just_used.0 / 1024,
+        held.just_used.1,
+        held.idle.0 / 1024,
+        held.idle.1
+    )
+}
+
+/// What the store's own log (RocksDB's `LOG`) says about write stalls and slowdowns.
+fn store_stalls(state_dir: &Path) -> String {
+    let log = std::fs::read_to_string(state_dir.join("trail/LOG")).unwrap_or_default();
+    let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    format!(
+        "the store's LOG: {} lines stalling writes, {} stopping writes, {} flushes, {} compactions",
+        count("Stalling writes"),
+        count("Stopping writes"),
+        count("flush_started"),
+        count("compaction_started")
+    )
 }
 
 /// fsync latency of a small appended write in `dir`, in microseconds: (median, p99).
@@ -833,7 +920,7 @@ fn records_per_sec(dir: &Path, sync: bool, writers: usize, secs: u64) -> f64 {
     rate
 }
 
-/// `--profile FILE [--case saturation|tls|plain|heavy|export|connect]`: one case of the
+/// `--profile FILE [--case saturation|tls|plain|heavy|heavy-sync|export|connect|memory]`: one case of the
 /// buffered, masking set-up (the saturation run, keep-alive calls at 1,000/s over TLS or plain
 /// HTTP, 16 KiB calls at 2,000/s, the plain calls with the OTLP export on, or new TLS
 /// connections one after another), with
@@ -867,7 +954,23 @@ fn hold(addr: SocketAddr, n: u64) {
             one_call(&mut s, i, 128, false).await;
             v.push(s);
         }
-        v
+        // Opening them one after another can take longer than the agent keeps an unused
+        // gateway connection: one more call on each, 64 connections at a time, so that at
+        // `ready` every connection has been used within the last few seconds.
+        let mut groups: Vec<Vec<Sender>> = (0..64).map(|_| Vec::new()).collect();
+        for (i, s) in v.into_iter().enumerate() {
+            groups[i % 64].push(s);
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut group in groups {
+            tasks.spawn(async move {
+                for (i, s) in group.iter_mut().enumerate() {
+                    one_call(s, i as u64, 128, false).await;
+                }
+                group
+            });
+        }
+        tasks.join_all().await.into_iter().flatten().collect()
     });
     println!("ready");
     let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
@@ -1173,37 +1276,26 @@ fn main() {
         .expect("reading the descriptor limit");
     let idle = idle_connections(hard);
     enter(&mem_cg.path);
-    // The client side is a process of its own (this program with `--hold`), in the agent's
-    // cgroup: this one already holds the server's side of every connection.
-    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--hold", &addr.to_string(), &idle.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting the connection holder");
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    assert_eq!(ready.trim(), "ready", "the connection holder failed");
-    std::thread::sleep(Duration::from_millis(500));
-    let busy_rss = rss_kib(mem.pid());
-    let per_connection_kib = busy_rss.saturating_sub(fresh_rss) as f64 / idle as f64;
-    // Its stdin closing lets it go, and its connections with it.
-    drop(holder.stdin.take());
-    let _ = holder.wait();
+    let held = hold_and_measure(&mem, addr, idle, fresh_rss);
+    let per_connection_kib = held.idle.1;
     enter(direct_cg.path.parent().unwrap());
     drop(mem);
 
     println!();
     println!(
-        "Agent resident memory (buffered, release): idle {} MiB; a fresh agent with {idle} idle keep-alive connections {} MiB ({} MiB before them, {:.1} KiB per connection)",
+        "Agent resident memory (buffered, release): idle {} MiB; a fresh agent ({} MiB) with {idle} keep-alive connections:",
         idle_rss / 1024,
-        busy_rss / 1024,
         fresh_rss / 1024,
-        per_connection_kib
+    );
+    println!(
+        "  just used (0.5 s after their call)    {:>5} MiB, {:.1} KiB per connection",
+        held.just_used.0 / 1024,
+        held.just_used.1
+    );
+    println!(
+        "  idle (their gateway connections closed after 15 s unused)  {:>5} MiB, {:.1} KiB per connection",
+        held.idle.0 / 1024,
+        held.idle.1
     );
     println!(
         "  the agent that served the runs above, idle again (after its heap trim): {} MiB",

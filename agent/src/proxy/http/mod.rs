@@ -81,6 +81,9 @@ pub fn parse_limit(capture_limit: usize) -> usize {
 /// How long a client may take to send a request's head.
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The shortest interval between two looks at whether a client's gateway connection is idle.
+const MIN_IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Serves `client` in `version` (HTTP/1.1, or HTTP/2 when the client opened with its
 /// preface or agreed on `h2` by ALPN), forwarding every request to the gateway in
 /// `upstream_version` (the same, except for an h2c client of a gateway that speaks only
@@ -96,6 +99,8 @@ pub async fn serve<C: Io>(
 ) -> Result<(), HttpError> {
     let limits = conn.parts.policy.current().policy.http2;
     let gateway = Arc::new(Gateway::new(upstream, connect, upstream_version).await?);
+    let idle_gateway = gateway.clone();
+    let idle_conn = conn.clone();
     // HTTP/2 streams, counted in the order hyper takes them up (the order the client opened
     // them), so concurrent exchanges on one connection keep their own numbers.
     let streams = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -153,10 +158,29 @@ pub async fn serve<C: Io>(
         Version::Http1 => builder.http1_only(),
         Version::Http2 => builder.http2_only(),
     };
-    match builder
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await
-    {
+    let serving = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+    let served = match idle_conn.parts.upstream_idle {
+        None => serving.await,
+        Some(idle) => {
+            tokio::pin!(serving);
+            let mut check = tokio::time::interval((idle / 2).max(MIN_IDLE_CHECK));
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    r = &mut serving => break r,
+                    _ = check.tick() => {
+                        if idle_gateway.release_if_idle(idle) {
+                            tracing::debug!(
+                                client = %idle_conn.connection.client,
+                                "closed an idle gateway connection; the next request opens another"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    };
+    match served {
         Ok(()) => Ok(()),
         Err(e) => match e.downcast::<hyper::Error>() {
             // A client that hangs up between or in the middle of its own requests ends the
@@ -404,14 +428,14 @@ async fn handle(
     let is_held = matches!(action, Action::Hold(_));
     let refusal = match action {
         Action::Refuse(r) => Some(r),
-        Action::Hold(_) => hold_for_approval(
+        Action::Hold(_) => Box::pin(hold_for_approval(
             &conn,
             held,
             &recorded.pending,
             &process,
             token.as_ref(),
             &base,
-        )
+        ))
         .await
         .err()
         .map(Refusal::Policy),
@@ -433,7 +457,7 @@ async fn handle(
         if let Some(rest) = rest {
             body::drain(rest).await;
         }
-        return refuse(
+        return Box::pin(refuse(
             &conn,
             &http,
             token.as_ref(),
@@ -442,7 +466,7 @@ async fn handle(
             batch,
             &refusal,
             t0,
-        )
+        ))
         .await;
     }
 
@@ -450,7 +474,7 @@ async fn handle(
     if let Some(rewritten) = wire_body {
         let rewritten = match codings.as_deref() {
             Ok([]) | Err(_) => Ok(rewritten),
-            Ok(c) => body::encode(rewritten, c).await,
+            Ok(c) => Box::pin(body::encode(rewritten, c)).await,
         };
         match rewritten {
             Ok(bytes) => {
@@ -568,7 +592,15 @@ async fn handle(
     let tee = tee::Tee::new(rbody, tx);
     let response = match (wire, resp_codings) {
         (true, Ok(codings)) => {
-            wire_response(rparts, tee, &active, &response_type, &codings, limit).await
+            Box::pin(wire_response(
+                rparts,
+                tee,
+                &active,
+                &response_type,
+                &codings,
+                limit,
+            ))
+            .await
         }
         // A coding the proxy cannot undo cannot be rewritten either: it passes as it came, and
         // the observer records that it could not be read.

@@ -33,6 +33,9 @@ pub struct ConnParts {
     pub verifier: Arc<crate::identity::Verifier>,
     pub policy: Arc<Live>,
     pub approvals: Arc<Approvals>,
+    /// A client's HTTP/1.1 gateway connection is closed after this long unused (None: kept
+    /// for as long as the client's).
+    pub upstream_idle: Option<std::time::Duration>,
 }
 
 /// A request's token record and its raw value, kept in memory for this exchange only so that

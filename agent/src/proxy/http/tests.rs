@@ -113,6 +113,32 @@ struct Stub {
     trailers: Option<HeaderMap>,
     /// The gateway speaks only HTTP/1.1 (else also h2 and h2c, as hyper's auto server does).
     http1_only: bool,
+    /// Connections the proxy opened to the stub, and how many are still open.
+    conns: Arc<StubConns>,
+}
+
+#[derive(Default)]
+struct StubConns {
+    opened: std::sync::atomic::AtomicUsize,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+impl StubConns {
+    fn counts(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.opened.load(SeqCst), self.open.load(SeqCst))
+    }
+}
+
+/// Counts one of the stub's connections closed when its server ends, however it ends.
+struct Closes(Arc<StubConns>);
+
+impl Drop for Closes {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Stub {
@@ -124,6 +150,7 @@ impl Stub {
             tls: None,
             trailers: None,
             http1_only: false,
+            conns: Arc::default(),
         })
     }
 
@@ -140,7 +167,15 @@ impl Stub {
             let http1_only = stub.http1_only;
             Box::pin(async move {
                 let (ours, theirs) = tokio::io::duplex(1 << 16);
+                stub.conns
+                    .opened
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                stub.conns
+                    .open
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let closes = Closes(stub.conns.clone());
                 tokio::spawn(async move {
+                    let _closes = closes;
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let stub = stub.clone();
                         async move {
@@ -217,6 +252,8 @@ struct Harness {
     /// TLS termination, when the test turns it on.
     tls: Option<Arc<crate::proxy::tls::TlsContext>>,
     h2c: Arc<crate::proxy::http::h2c::H2cProbe>,
+    /// The connections' `upstream_idle`.
+    upstream_idle: Option<Duration>,
     _writer: std::thread::JoinHandle<()>,
 }
 
@@ -248,6 +285,7 @@ impl Harness {
             connections: Default::default(),
             tls: None,
             h2c: Arc::default(),
+            upstream_idle: None,
             _writer: writer,
         }
     }
@@ -267,6 +305,7 @@ impl Harness {
                 verifier: self.verifier.clone(),
                 policy: self.live.clone(),
                 approvals: self.approvals.clone(),
+                upstream_idle: self.upstream_idle,
             },
             Arc::new(std::sync::RwLock::new(process)),
             Connection {
@@ -904,6 +943,106 @@ async fn a_compressed_response_is_decoded_for_the_record() {
     );
 }
 
+/// A keep-alive client on a fresh connection through the proxy (hyper's HTTP/1.1 client).
+async fn keep_alive_client(
+    h: &Harness,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    ConnTask,
+) {
+    let (client, task) = h.open(Process::default());
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(client))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    (sender, task)
+}
+
+fn mcp_call(id: u64, tool: &str) -> Request<Full<Bytes>> {
+    let body = call(id, tool, json!({})).to_string();
+    post(body.clone()).body(Full::new(body.into())).unwrap()
+}
+
+#[tokio::test]
+async fn an_unused_gateway_connection_is_closed_and_the_next_request_opens_another() {
+    let mut h = Harness::new("", echo()).await;
+    h.upstream_idle = Some(Duration::from_millis(100));
+    let (mut client, _task) = keep_alive_client(&h).await;
+    let resp = client.send_request(mcp_call(1, "add")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(h.stub.conns.counts(), (1, 1), "(opened, open)");
+    // Unused for more than the idle time: closed, the client's connection still open.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.stub.conns.counts().1 > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        h.stub.conns.counts(),
+        (1, 0),
+        "the gateway connection was closed"
+    );
+    assert!(!client.is_closed(), "the client's connection stays open");
+    // The next request goes over a new gateway connection, recorded like the first.
+    let resp = client.send_request(mcp_call(2, "add")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("\"id\":2"),
+        "{body:?}"
+    );
+    assert_eq!(h.stub.conns.counts(), (2, 1));
+    let answers = h
+        .wait_mcp("both answers", |r| {
+            r.iter()
+                .filter(|e| e.direction == Direction::ServerToClient)
+                .count()
+                == 2
+        })
+        .await;
+    assert_eq!(
+        answers.len(),
+        4,
+        "two requests and their answers: {answers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_connection_in_the_middle_of_an_exchange_is_kept() {
+    // A megabyte answer: more than the pipes and buffers between the gateway and a client
+    // that does not read it yet hold, so the gateway connection is still mid-answer.
+    let big = "x".repeat(1 << 20);
+    let answer: Answer = Arc::new(move |_: &Seen| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": big}]}});
+        Response::builder()
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    });
+    let mut h = Harness::new("", answer).await;
+    h.upstream_idle = Some(Duration::from_millis(30));
+    let (mut client, _task) = keep_alive_client(&h).await;
+    // The gateway takes 400 ms to answer `slow`: many idle periods with the request out.
+    let resp = client.send_request(mcp_call(1, "slow")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The answer's head is here, its body not read for many idle periods.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let answer: Value = serde_json::from_slice(&body).expect("the whole answer");
+    assert_eq!(
+        answer["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .len(),
+        1 << 20
+    );
+    assert_eq!(
+        h.stub.conns.counts().0,
+        1,
+        "one gateway connection throughout"
+    );
+}
+
 #[tokio::test]
 async fn gateway_connections_do_not_pile_up_across_reconnects() {
     let stub = Arc::new(Stub {
@@ -913,6 +1052,7 @@ async fn gateway_connections_do_not_pile_up_across_reconnects() {
         tls: None,
         trailers: None,
         http1_only: false,
+        conns: Arc::default(),
     });
     let connect = stub.connect();
     let first = connect().await.unwrap();
@@ -1000,6 +1140,7 @@ mod tls {
             tls: Some(pki.gateway.clone()),
             trailers: None,
             http1_only: false,
+            conns: Arc::default(),
         });
         let mut h = Harness::with_stub(&format!("{RULES}\n{policy_extra}"), stub).await;
         let extra = if trust_gateway {
@@ -1638,6 +1779,7 @@ mod http2 {
             tls: None,
             trailers: None,
             http1_only: true,
+            conns: Arc::default(),
         });
         let h = Harness::with_stub(RULES, stub).await;
         let (sender, task) = h2c(&h).await;
@@ -1698,6 +1840,7 @@ mod http2 {
             tls: None,
             trailers: Some(trailers),
             http1_only: false,
+            conns: Arc::default(),
         });
         let h = Harness::with_stub("", stub).await;
         let (sender, task) = h2c(&h).await;
@@ -1877,6 +2020,7 @@ mod http2 {
             tls: Some(Arc::new(gateway)),
             trailers: None,
             http1_only: false,
+            conns: Arc::default(),
         });
         let mut h = Harness::with_stub(RULES, stub).await;
         h.tls = Some(Arc::new(
