@@ -440,7 +440,10 @@ impl Shared {
         );
         let route = Route {
             dst,
-            connect: marked_connector(dst, self.settings.mark),
+            connect: http::gateway::timed(
+                marked_connector(dst, self.settings.mark),
+                self.settings.connect_timeout,
+            ),
             connect_timeout: self.settings.connect_timeout,
             tls: self.settings.tls.clone(),
             h2c: self.h2c.clone(),

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -27,6 +27,26 @@ pub type BoxIo = Box<dyn Io>;
 /// Opens another connection to the same gateway.
 pub type Connect =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<BoxIo>> + Send>> + Send + Sync>;
+
+/// `connect` bounded by `limit`: a reconnect (after the gateway closed a connection, or the
+/// agent closed an unused one) waits no longer for the gateway than the first connection did.
+pub fn timed(connect: Connect, limit: Duration) -> Connect {
+    Arc::new(move || {
+        let connect = connect.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connect()).await {
+                Ok(io) => io,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the gateway did not accept a connection within {} s (--connect-timeout): check that it is up and reachable",
+                        limit.as_secs_f64()
+                    ),
+                )),
+            }
+        })
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -53,12 +73,14 @@ pub struct Gateway {
     /// Requests between their start and their answer's head (a pooled connection is out of
     /// the pool meanwhile, so the pool alone does not show it in use).
     sending: AtomicUsize,
+    /// When the connections were last seen in use: a request's start or the arrival of its
+    /// answer's head, or a check that found one mid-exchange (milliseconds since `born`).
+    used_ms: AtomicU64,
+    born: Instant,
 }
 
 struct State {
     connect: Connect,
-    /// The last time a check found the connections in use (or they were opened).
-    busy_at: Instant,
     sender: Option<Sender>,
     /// HTTP/1.1 connections for an HTTP/2 client's streams (one per stream in flight, reused
     /// once its answer is over), so a long answer (an SSE stream) holds up no other stream.
@@ -88,19 +110,22 @@ fn in_use(s: &hyper::client::conn::http1::SendRequest<ProxyBody>) -> bool {
     !s.is_closed() && !s.is_ready()
 }
 
-/// Counts a request in `sending` until it is dropped.
-struct Sending<'a>(&'a AtomicUsize);
+/// Counts a request in `sending` until it is dropped, and marks the connections used at
+/// both ends.
+struct Sending<'a>(&'a Gateway);
 
 impl<'a> Sending<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::AcqRel);
-        Sending(n)
+    fn new(gateway: &'a Gateway) -> Self {
+        gateway.sending.fetch_add(1, Ordering::AcqRel);
+        gateway.mark_used();
+        Sending(gateway)
     }
 }
 
 impl Drop for Sending<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.mark_used();
+        self.0.sending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -112,7 +137,6 @@ impl Gateway {
     ) -> Result<Self, GatewayError> {
         let mut state = State {
             connect,
-            busy_at: Instant::now(),
             sender: None,
             pool: Vec::new(),
             tasks: tokio::task::JoinSet::new(),
@@ -122,39 +146,55 @@ impl Gateway {
             version,
             state: tokio::sync::Mutex::new(state),
             sending: AtomicUsize::new(0),
+            used_ms: AtomicU64::new(0),
+            born: Instant::now(),
         })
     }
 
-    /// Closes this client's HTTP/1.1 gateway connections once no exchange has used them for
-    /// `idle`, as seen by calls of this every `idle / 2` or so; the next request opens a new
-    /// one. An idle keep-alive client then holds no gateway connection (about half the
-    /// memory of an idle connection through the agent, and one connection fewer at the
-    /// gateway). HTTP/2 gateway connections are kept: hyper does not tell whether streams
-    /// are open on one. True when it closed some.
+    fn mark_used(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        self.used_ms.fetch_max(now, Ordering::AcqRel);
+    }
+
+    fn unused_for(&self) -> Duration {
+        let used = Duration::from_millis(self.used_ms.load(Ordering::Acquire));
+        self.born.elapsed().saturating_sub(used)
+    }
+
+    /// Closes this client's HTTP/1.1 gateway connections once nothing has used them for
+    /// `idle`; the next request opens a new one. An answer's end is seen by these checks
+    /// (`serve` makes one every quarter of `idle`), so a connection goes between ¾ and 1¼ of
+    /// `idle` after its last exchange ended. An idle keep-alive client then holds no gateway
+    /// connection (a third of the memory of an idle connection through the agent, measured,
+    /// and one connection fewer at the gateway). HTTP/2 gateway connections are kept: hyper
+    /// does not tell whether streams are open on one. True when it closed any still open.
     pub fn release_if_idle(&self, idle: Duration) -> bool {
         if self.version == Version::Http2 {
             return false;
         }
         // Held across a request on the connection of an HTTP/1.1 client: in use.
         let Ok(mut state) = self.state.try_lock() else {
+            self.mark_used();
             return false;
         };
         let busy = self.sending.load(Ordering::Acquire) > 0
             || matches!(&state.sender, Some(Sender::Http1(s)) if in_use(s))
             || state.pool.iter().any(in_use);
         if busy {
-            state.busy_at = Instant::now();
+            self.mark_used();
             return false;
         }
-        if state.sender.is_none() && state.pool.is_empty() || state.busy_at.elapsed() < idle {
+        if state.sender.is_none() && state.pool.is_empty() || self.unused_for() < idle {
             return false;
         }
+        let open = matches!(&state.sender, Some(s) if !s.is_closed())
+            || state.pool.iter().any(|s| !s.is_closed());
         state.sender = None;
         state.pool.clear();
         // Dropping the set ends the connection tasks, and with them the sockets; a task that
         // had already ended is reaped with it.
         state.tasks = tokio::task::JoinSet::new();
-        true
+        open
     }
 
     /// Connection tasks alive now (for the test that they do not grow with reconnects).
@@ -172,7 +212,7 @@ impl Gateway {
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
-        let _sending = Sending::new(&self.sending);
+        let _sending = Sending::new(self);
         match self.version {
             Version::Http1 if req.version() == hyper::Version::HTTP_2 => {
                 downgrade(&mut req);
@@ -192,7 +232,6 @@ impl Gateway {
         for _ in 0..2 {
             let mut sender = {
                 let mut state = self.state.lock().await;
-                state.busy_at = Instant::now();
                 if let Some(Sender::Http1(first)) = state.sender.take() {
                     state.pool.push(first);
                 }
@@ -328,7 +367,6 @@ impl State {
         &mut self,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, GatewayError> {
-        self.busy_at = Instant::now();
         for _ in 0..2 {
             if self.sender.as_ref().is_none_or(Sender::is_closed) {
                 let io = (self.connect)().await.map_err(GatewayError::Reconnect)?;

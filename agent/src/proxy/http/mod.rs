@@ -163,7 +163,7 @@ pub async fn serve<C: Io>(
         None => serving.await,
         Some(idle) => {
             tokio::pin!(serving);
-            let mut check = tokio::time::interval((idle / 2).max(MIN_IDLE_CHECK));
+            let mut check = tokio::time::interval((idle / 4).max(MIN_IDLE_CHECK));
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

@@ -966,7 +966,7 @@ fn mcp_call(id: u64, tool: &str) -> Request<Full<Bytes>> {
 #[tokio::test]
 async fn an_unused_gateway_connection_is_closed_and_the_next_request_opens_another() {
     let mut h = Harness::new("", echo()).await;
-    h.upstream_idle = Some(Duration::from_millis(100));
+    h.upstream_idle = Some(Duration::from_millis(500));
     let (mut client, _task) = keep_alive_client(&h).await;
     let resp = client.send_request(mcp_call(1, "add")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -1009,9 +1009,10 @@ async fn an_unused_gateway_connection_is_closed_and_the_next_request_opens_anoth
 
 #[tokio::test]
 async fn a_gateway_connection_in_the_middle_of_an_exchange_is_kept() {
-    // A megabyte answer: more than the pipes and buffers between the gateway and a client
-    // that does not read it yet hold, so the gateway connection is still mid-answer.
-    let big = "x".repeat(1 << 20);
+    // An 8 MiB answer: several times what the pipes and buffers between the gateway and a
+    // client that does not read it yet hold (about 1 MiB), so the gateway connection is
+    // still mid-answer while the client waits.
+    let big = "x".repeat(8 << 20);
     let answer: Answer = Arc::new(move |_: &Seen| {
         let body = json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": big}]}});
         Response::builder()
@@ -1027,20 +1028,30 @@ async fn a_gateway_connection_in_the_middle_of_an_exchange_is_kept() {
     assert_eq!(resp.status(), StatusCode::OK);
     // The answer's head is here, its body not read for many idle periods.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.stub.conns.counts(), (1, 1), "open, mid-answer");
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let answer: Value = serde_json::from_slice(&body).expect("the whole answer");
-    assert_eq!(
-        answer["result"]["content"][0]["text"]
-            .as_str()
-            .unwrap()
-            .len(),
-        1 << 20
-    );
+    let text = answer["result"]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(text.len(), 8 << 20);
     assert_eq!(
         h.stub.conns.counts().0,
         1,
         "one gateway connection throughout"
     );
+}
+
+#[tokio::test]
+async fn a_reconnect_waits_no_longer_than_the_connect_timeout() {
+    let never: Connect = Arc::new(|| Box::pin(std::future::pending()));
+    let connect = super::gateway::timed(never, Duration::from_millis(50));
+    let t = std::time::Instant::now();
+    let e = match connect().await {
+        Err(e) => e,
+        Ok(_) => panic!("a gateway that never accepts gave a connection"),
+    };
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    assert!(e.to_string().contains("--connect-timeout"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5));
 }
 
 #[tokio::test]
@@ -1806,6 +1817,43 @@ mod http2 {
         assert!(mcp.iter().all(|e| e.http.version.as_deref() == Some("2")));
         let forwarded = mcp.iter().find(|e| e.jsonrpc_id == Some(json!(1))).unwrap();
         assert_eq!(forwarded.http.upstream_version.as_deref(), Some("1.1"));
+    }
+
+    #[tokio::test]
+    async fn an_unused_pooled_gateway_connection_waits_for_a_stream_still_in_flight() {
+        let stub = Arc::new(Stub {
+            seen: Arc::default(),
+            answer: echo(),
+            close_each: false,
+            tls: None,
+            trailers: None,
+            http1_only: true,
+            conns: Arc::default(),
+        });
+        let mut h = Harness::with_stub(RULES, stub).await;
+        h.upstream_idle = Some(Duration::from_millis(40));
+        let (sender, _task) = h2c(&h).await;
+        // The slow call's connection is out of the pool while the gateway thinks (400 ms);
+        // the fast call's is back in it, unused, for many idle periods meanwhile.
+        let slow = tokio::spawn(answer(sender.clone(), call(1, "slow", json!({}))));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (fast, _) = answer(sender.clone(), call(2, "add", json!({}))).await;
+        assert!(fast["result"].is_object(), "{fast}");
+        let (slow, _) = slow.await.unwrap();
+        assert_eq!(slow["id"], 1);
+        assert!(
+            slow.get("error").is_none() && slow["result"].is_object(),
+            "the slow call was answered by the gateway: {slow}"
+        );
+        // The first connection, the h2c probe's (which asked whether the gateway speaks
+        // HTTP/2) and the fast call's: the slow call's was never taken from it.
+        assert_eq!(h.stub.conns.counts().0, 3, "(opened, open)");
+        // Both unused now: closed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while h.stub.conns.counts().1 > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(h.stub.conns.counts(), (3, 0));
     }
 
     #[tokio::test]
