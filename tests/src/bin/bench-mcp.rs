@@ -821,8 +821,9 @@ fn hold_and_measure(agent: &Agent, addr: SocketAddr, n: u64, before: u64) -> Hel
     let per = |rss: u64| (rss, rss.saturating_sub(before) as f64 / n as f64);
     std::thread::sleep(Duration::from_millis(500));
     let just_used = per(rss_kib(agent.pid()));
-    // 15 s unused, up to half of it more before the check sees it, then a heap trim.
-    std::thread::sleep(Duration::from_secs(15 + 8 + 11));
+    // The agent's default --upstream-idle of 15 s, up to a quarter more before its check
+    // sees it (every quarter of it), then a heap trim (every 10 s), and some to spare.
+    std::thread::sleep(Duration::from_secs(15 + 4 + 10 + 3));
     let idle = per(rss_kib(agent.pid()));
     // Its stdin closing lets it go, and its connections with it.
     drop(holder.stdin.take());
