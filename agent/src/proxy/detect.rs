@@ -192,6 +192,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
+    // Vectored writes pass through: without them hyper copies every response body into its
+    // header buffer ("flatten"), which then keeps the size of the largest answer for the
+    // connection's life.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -205,6 +220,42 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt as _;
+
+    /// The client's side as the proxy stacks it (counted, stall-guarded, rewound) writes
+    /// vectored over a TCP socket, so hyper queues a response's body instead of copying it
+    /// into its header buffer, and the bytes of a vectored write are counted.
+    #[tokio::test]
+    async fn the_client_stack_writes_vectored_and_counts_it() {
+        use crate::proxy::relay::{Counted, Counts};
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut theirs, _) = listener.accept().await.unwrap();
+        let counts = std::sync::Arc::new(Counts::default());
+        let mut stack = Rewind::new(
+            b"GET".to_vec(),
+            crate::proxy::stall::StallGuard::new(
+                Counted::new(ours, counts.clone()),
+                std::time::Duration::from_secs(5),
+            ),
+        );
+        assert!(stack.is_write_vectored());
+        let bufs = [
+            std::io::IoSlice::new(b"HTTP/1.1 200 OK\r\n\r\n"),
+            std::io::IoSlice::new(b"body"),
+        ];
+        let n = stack.write_vectored(&bufs).await.unwrap();
+        assert!(n > 0);
+        assert_eq!(
+            counts.resp.load(std::sync::atomic::Ordering::Relaxed),
+            n as u64
+        );
+        let mut got = vec![0u8; n];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &b"HTTP/1.1 200 OK\r\n\r\nbody"[..n]);
+    }
 
     #[test]
     fn protocols_are_told_apart() {

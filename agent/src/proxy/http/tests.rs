@@ -807,6 +807,43 @@ async fn a_slow_or_split_request_line_is_still_http() {
 }
 
 #[tokio::test]
+async fn a_request_head_past_the_client_buffer_is_refused_with_431_and_one_within_it_passes() {
+    let h = Harness::new("", echo()).await;
+    let head = |pad: usize| {
+        let body = call(1, "add", json!({})).to_string();
+        format!(
+            "POST /mcp HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nX-Pad: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "a".repeat(pad),
+            body.len()
+        )
+        .into_bytes()
+    };
+    // Within the client buffer (32 KiB): forwarded and answered.
+    let small = head(24 * 1024);
+    let (out, _, _) = h
+        .raw(Process::default(), |mut w| async move {
+            w.write_all(&small).await.unwrap();
+            w
+        })
+        .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(h.stub.seen().len(), 1);
+    // Past it: refused by the proxy, never forwarded.
+    let big = head(40 * 1024);
+    let (out, _, result) = h
+        .raw(Process::default(), |mut w| async move {
+            let _ = w.write_all(&big).await;
+            w
+        })
+        .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(result.is_err(), "the connection ends with the error");
+    assert_eq!(h.stub.seen().len(), 1);
+}
+
+#[tokio::test]
 async fn opaque_bytes_are_refused_under_rules_and_relayed_without() {
     let h = Harness::new(RULES, echo()).await;
     let (out, protocol, result) = h
