@@ -165,8 +165,8 @@ impl Gateway {
     /// `idle`; the next request opens a new one. An answer's end is seen by these checks
     /// (`serve` makes one every quarter of `idle`), so a connection goes between ¾ and 1¼ of
     /// `idle` after its last exchange ended. An idle keep-alive client then holds no gateway
-    /// connection (a third of the memory of an idle connection through the agent, measured,
-    /// and one connection fewer at the gateway). HTTP/2 gateway connections are kept: hyper
+    /// connection (over a quarter of the memory of an idle connection through the agent,
+    /// measured, and one connection fewer at the gateway). HTTP/2 gateway connections are kept: hyper
     /// does not tell whether streams are open on one. True when it closed any still open.
     pub fn release_if_idle(&self, idle: Duration) -> bool {
         if self.version == Version::Http2 {

@@ -154,6 +154,13 @@ impl Stub {
         })
     }
 
+    /// A gateway that speaks only HTTP/1.1.
+    fn http1_only(answer: Answer) -> Arc<Self> {
+        let mut stub = Arc::into_inner(Stub::new(answer)).expect("just made");
+        stub.http1_only = true;
+        Arc::new(stub)
+    }
+
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
@@ -1820,15 +1827,7 @@ mod http2 {
 
     #[tokio::test]
     async fn an_h2c_client_of_an_http1_gateway_is_served_in_http2_and_forwarded_in_http1() {
-        let stub = Arc::new(Stub {
-            seen: Arc::default(),
-            answer: echo(),
-            close_each: false,
-            tls: None,
-            trailers: None,
-            http1_only: true,
-            conns: Arc::default(),
-        });
+        let stub = Stub::http1_only(echo());
         let h = Harness::with_stub(RULES, stub).await;
         let (sender, task) = h2c(&h).await;
         let slow = tokio::spawn(answer(sender.clone(), call(3, "slow", json!({}))));
@@ -1858,15 +1857,7 @@ mod http2 {
 
     #[tokio::test]
     async fn an_unused_pooled_gateway_connection_waits_for_a_stream_still_in_flight() {
-        let stub = Arc::new(Stub {
-            seen: Arc::default(),
-            answer: echo(),
-            close_each: false,
-            tls: None,
-            trailers: None,
-            http1_only: true,
-            conns: Arc::default(),
-        });
+        let stub = Stub::http1_only(echo());
         let mut h = Harness::with_stub(RULES, stub).await;
         h.upstream_idle = Some(Duration::from_millis(40));
         let (sender, _task) = h2c(&h).await;
