@@ -371,3 +371,130 @@ fn big_bodies_pass_whole_and_are_recorded_cut_with_a_marker() {
     assert_eq!(outcome.exchange, request.exchange);
     assert_eq!(outcome.result.unwrap()["mcptrail_truncated"], true);
 }
+
+/// Two calls on one keep-alive connection from a real client, through the redirect, with a
+/// pause longer than `--upstream-idle` between them: the agent closes its gateway connection
+/// in the pause, the second call opens another, and both exchanges are in the trail.
+#[test]
+fn an_idle_keep_alive_client_loses_its_gateway_connection_and_its_next_call_goes_through() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = mcp_server(port, &[]);
+    let cgroup = TestCgroup::new("upstream-idle");
+    let state = work.path().join("state");
+    let _agent = Agent::start_with(
+        &state,
+        &cgroup,
+        &[format!("127.0.0.1:{port}")],
+        &["--upstream-idle", "1"],
+        false,
+    );
+    // One connection (http.client keeps it alive), two initialize requests, a pause between
+    // them until the test says go (a line on stdin).
+    let script = format!(
+        r#"
+import http.client, json, sys
+c = http.client.HTTPConnection("127.0.0.1", {port})
+def call(i):
+    body = json.dumps({{"jsonrpc": "2.0", "id": i, "method": "initialize", "params": {{
+        "protocolVersion": "2025-06-18", "capabilities": {{}},
+        "clientInfo": {{"name": "idle-test", "version": "1"}}}}}})
+    c.request("POST", "/mcp", body, {{"content-type": "application/json",
+        "accept": "application/json, text/event-stream"}})
+    r = c.getresponse()
+    r.read()
+    print("call", i, r.status, flush=True)
+call(1)
+sys.stdin.readline()
+call(2)
+"#
+    );
+    let mut client = cgroup
+        .command("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = client.id();
+    let mut out = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "call 1 200");
+    // The agent's socket to the gateway (the client's own was redirected to the agent).
+    let to_gateway = || {
+        let out = Command::new("ss")
+            .args(["-Htn", "state", "established"])
+            .arg(format!("( dport = :{port} )"))
+            .output()
+            .expect("ss (iproute2)");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(to_gateway(), 1, "the call's gateway connection, kept alive");
+    // Closed by the agent within 1¼ s; uvicorn itself would close it only after 5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while to_gateway() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(to_gateway(), 0, "the idle gateway connection was closed");
+    std::io::Write::write_all(client.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "call 2 200", "the next call went through");
+    assert!(client.wait().unwrap().success());
+    let recs = wait_mcp_records(&state, pid, 4);
+    let answered: Vec<_> = recs
+        .iter()
+        .filter(|e| e.direction == mcptrail::audit::record::Direction::ServerToClient)
+        .collect();
+    assert_eq!(answered.len(), 2, "both answers recorded: {recs:#?}");
+    // One client connection throughout.
+    assert!(
+        recs.iter()
+            .all(|e| e.connection.client == recs[0].connection.client)
+    );
+}
+
+/// A request head past the 32 KiB a client connection may buffer, through the redirect: 431,
+/// nothing forwarded, and the connection's record says why.
+#[test]
+fn an_oversized_request_head_gets_431_and_a_record_that_says_why() {
+    require_root();
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = mcp_server(port, &[]);
+    let cgroup = TestCgroup::new("big-head");
+    let state = work.path().join("state");
+    let _agent = Agent::start(&state, &cgroup, &[format!("127.0.0.1:{port}")]);
+    let pad = format!("x-pad: {}", "a".repeat(40 * 1024));
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let (pid, out) = curl(
+        &cgroup,
+        &[
+            "-H",
+            &pad,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{}",
+            &url,
+        ],
+    );
+    assert_eq!(out.lines().last(), Some("431"), "{out}");
+    let rec = wait_for_record(
+        &state,
+        WAIT,
+        "of the connection",
+        |r| matches!(&r.event, Event::Connection(c) if c.process.pid == pid),
+    );
+    let Event::Connection(c) = rec.event else {
+        unreachable!()
+    };
+    let detail = c.outcome.detail.unwrap_or_default();
+    assert!(detail.contains("too large"), "{detail}");
+    assert!(
+        mcp_records(&state, pid).is_empty(),
+        "nothing of it was forwarded or recorded as a request"
+    );
+}
