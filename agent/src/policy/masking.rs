@@ -1,10 +1,10 @@
 //! Masking: finds sensitive values in JSON-RPC messages and rewrites only JSON string values,
-//! so every message stays valid JSON. Fast on clean payloads: one `RegexSet` holds each rule's
-//! keywords (as a case-insensitive alternation of literals) or, for a rule without keywords,
-//! its pattern. A plain search of that set rejects most strings in one pass; only a string it
-//! matches gets the overlapping search that names the candidate rules, and only candidates run
-//! their own regex (and validator). Measured against two passes (an Aho-Corasick automaton
-//! over the keywords, then a set of the other patterns): a third of the instructions.
+//! so every message stays valid JSON. Fast on clean payloads: each string's candidate rules
+//! are named first (a rule's keywords or, for a rule without keywords, its pattern), and only
+//! candidates run their own regex (and validator). For ASCII text `prefilter` names them,
+//! mostly with SIMD; other text goes to one `RegexSet` of the same keywords and patterns, a
+//! plain search of which rejects most strings in one pass before the overlapping search that
+//! names the candidates.
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::Sha256;
 
+use super::prefilter::{Member, Prefilter};
 use super::validators::Validator;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,46 @@ fn in_scope(rule: &Rule, scope: Option<Scope>) -> bool {
     scope.is_none_or(|s| rule.scope.contains(&s))
 }
 
+/// A JSON number's text, written on the stack: every message has some (`took_ms`, ids, counts)
+/// and most are masked by nothing, so a `String` for each was an allocation for nothing.
+#[derive(Default)]
+struct NumberText {
+    buf: [u8; 32],
+    len: usize,
+    /// Past the buffer (serde_json's arbitrary-precision numbers can be long).
+    spill: String,
+}
+
+impl std::fmt::Write for NumberText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.spill.is_empty() && self.len + s.len() <= self.buf.len() {
+            self.buf[self.len..self.len + s.len()].copy_from_slice(s.as_bytes());
+            self.len += s.len();
+        } else {
+            if self.spill.is_empty() {
+                self.spill
+                    .push_str(std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default());
+            }
+            self.spill.push_str(s);
+        }
+        Ok(())
+    }
+}
+
+impl NumberText {
+    fn of(&mut self, n: &serde_json::Number) -> &str {
+        use std::fmt::Write as _;
+        // Writing to memory does not fail.
+        let _ = write!(self, "{n}");
+        if self.spill.is_empty() {
+            // Only whole `str`s were copied in.
+            std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+        } else {
+            &self.spill
+        }
+    }
+}
+
 /// One rule as a policy file states it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,9 +193,14 @@ pub struct Masker {
     set: RegexSet,
     /// Set index to rule index.
     set_rule: Vec<usize>,
+    /// The set's `matches`, faster, for ASCII text (`None`: the set alone).
+    prefilter: Option<Prefilter>,
     /// Rules that run whatever the prefilters say (a pattern limited to fields).
     always: Vec<usize>,
-    keys: HashMap<String, usize>,
+    /// Key rules by lowercased key, sorted by length (see `key_rule`).
+    keys: Vec<(String, usize)>,
+    /// Bit `n` set: some key is `n` bytes long (bit 63: 63 or more).
+    key_lengths: u64,
     hash_key: [u8; 32],
     /// Some rule has `wire = true` (asked on every request).
     any_wire: bool,
@@ -184,6 +230,7 @@ impl Masker {
         let mut rules = Vec::new();
         let mut set_patterns = Vec::new();
         let mut set_rule = Vec::new();
+        let mut set_members = Vec::new();
         let mut always = Vec::new();
         let mut keys = HashMap::new();
         for (i, c) in configs.iter().enumerate() {
@@ -225,7 +272,9 @@ impl Masker {
             } else if let Some(p) = &c.pattern {
                 if c.keywords.is_empty() {
                     set_patterns.push(p.clone());
+                    set_members.push(Member::Pattern(p));
                 } else {
+                    set_members.push(Member::Keywords(&c.keywords));
                     let alts: Vec<String> = c.keywords.iter().map(|k| regex::escape(k)).collect();
                     set_patterns.push(format!("(?i:{})", alts.join("|")));
                 }
@@ -254,11 +303,20 @@ impl Masker {
         })?;
         Ok(Masker {
             any_wire: rules.iter().any(|r| r.wire),
+            prefilter: Prefilter::new(&set_members),
             rules,
             set,
             set_rule,
             always,
-            keys,
+            key_lengths: keys
+                .keys()
+                .fold(0, |bits, k: &String| bits | 1 << k.len().min(63)),
+            keys: {
+                // A later rule's key wins, as the map's last insert did.
+                let mut keys: Vec<(String, usize)> = keys.into_iter().collect();
+                keys.sort_unstable_by(|a, b| (a.0.len(), &a.0).cmp(&(b.0.len(), &b.0)));
+                keys
+            },
             hash_key,
         })
     }
@@ -375,17 +433,18 @@ impl Masker {
             // A number is its JSON text to the rules: a card or account number sent as a
             // number is as sensitive as one sent as a string. A match makes it a string.
             Value::Number(n) => {
-                let text = n.to_string();
+                let mut digits = NumberText::default();
+                let text = digits.of(n);
                 if let Some(i) = key_rule {
                     let rule = &self.rules[i];
                     if in_scope(rule, scope) && (rule.wire || !wire_only) {
-                        *value = Value::String(self.replacement(rule, &text));
+                        *value = Value::String(self.replacement(rule, text));
                         out.rules.insert(rule.name.clone());
                         out.wire |= rule.wire;
                         return;
                     }
                 }
-                if let Some((masked, fired)) = self.mask_str(&text, scope, wire_only, path) {
+                if let Some((masked, fired)) = self.mask_str(text, scope, wire_only, path) {
                     *value = Value::String(masked);
                     for i in fired {
                         out.rules.insert(self.rules[i].name.clone());
@@ -423,17 +482,20 @@ impl Masker {
         }
     }
 
-    /// The key rule for an object key, case-insensitively, without allocating for the
-    /// common case of keys already in lower case.
+    /// The key rule for an object key, ASCII case-insensitively. Asked for every key of every
+    /// message: most keys have a length no rule's key has; otherwise the keys of that length
+    /// alone are compared, with no hashing and no lowercased copy (hashing every key with
+    /// SipHash was 7% of masking's instructions).
     fn key_rule(&self, key: &str) -> Option<usize> {
-        if self.keys.is_empty() {
+        if self.key_lengths & 1 << key.len().min(63) == 0 {
             return None;
         }
-        if key.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.keys.get(&key.to_ascii_lowercase()).copied()
-        } else {
-            self.keys.get(key).copied()
-        }
+        let from = self.keys.partition_point(|(k, _)| k.len() < key.len());
+        self.keys[from..]
+            .iter()
+            .take_while(|(k, _)| k.len() == key.len())
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|&(_, i)| i)
     }
 
     /// The masked text and the rules that fired, or `None` when nothing matched.
@@ -445,8 +507,9 @@ impl Masker {
         path: &[String],
     ) -> Option<(String, Vec<usize>)> {
         let mut candidates: Vec<usize> = Vec::new();
-        if !self.set_rule.is_empty() && self.set.is_match(s) {
-            candidates.extend(self.set.matches(s).iter().map(|i| self.set_rule[i]));
+        if !self.set_rule.is_empty() {
+            self.set_matches(s, &mut candidates);
+            candidates.iter_mut().for_each(|i| *i = self.set_rule[*i]);
         }
         candidates.extend(self.always.iter().copied());
         if candidates.is_empty() {
@@ -478,6 +541,22 @@ impl Masker {
             }
         }
         (!fired.is_empty()).then(|| (text.into_owned(), fired))
+    }
+
+    /// The set members that match `s` (possibly repeated), through the prefilter when it can
+    /// judge `s`; else a plain search of the set first, which rejects most strings faster than
+    /// the overlapping search that names them.
+    fn set_matches(&self, s: &str, out: &mut Vec<usize>) {
+        if self
+            .prefilter
+            .as_ref()
+            .is_some_and(|p| p.candidates(s, out))
+        {
+            return;
+        }
+        if self.set.is_match(s) {
+            out.extend(self.set.matches(s).iter());
+        }
     }
 
     /// Runs one rule's regex over `s`; `None` when no match survives its validator.
@@ -561,10 +640,7 @@ impl Masker {
         }
         .or_else(|| {
             // Key-only rules: the example is a key name.
-            self.keys
-                .get(&s.to_ascii_lowercase())
-                .filter(|&&k| k == i)
-                .map(|_| String::new())
+            self.key_rule(s).filter(|&k| k == i).map(|_| String::new())
         })
     }
 
@@ -812,6 +888,71 @@ mod tests {
             Masker::new(&rs, [0; 32]),
             Err(MaskingError::Rule { .. })
         ));
+    }
+
+    /// Texts that hold, nearly hold or do not hold what the default pack looks for: every
+    /// rule's examples and counterexamples, in several cases, amid prose, at the edges of the
+    /// prefilter's chunks, and with characters that are not ASCII next to them.
+    fn corpus() -> Vec<String> {
+        let p = crate::policy::Policy::embedded_default().unwrap();
+        let prose = [
+            "The build failed on the integration step because the migration timed out.",
+            "2026-11-26T10:00:00Z INFO worker-3 processed 1532 jobs in 12.4s (p99 41ms)",
+            "SELECT id FROM orders WHERE status = 'open' ORDER BY created_at DESC LIMIT 50;",
+            "pod api-7d9f8c6b5-x2x4z restarted 3 times: OOMKilled, limit 512Mi",
+            "point out any security issues, especially around private input and access",
+            "        indented            with runs of spaces   and -- dashes ---",
+            "",
+            "é",
+        ];
+        let mut texts: Vec<String> = prose.iter().map(|s| s.to_string()).collect();
+        for rule in &p.masking {
+            for case in rule.examples.iter().chain(&rule.counterexamples) {
+                for variant in [case.clone(), case.to_uppercase(), case.to_lowercase()] {
+                    texts.push(variant.clone());
+                    texts.push(format!("{} {variant} {}", prose[0], prose[1]));
+                    texts.push(format!("x{variant}x"));
+                    texts.push(format!("é{variant}é"));
+                    texts.push(format!("{variant}\u{17f}"));
+                }
+                for at in [16 * 1024 - 3, 16 * 1024 - 1] {
+                    texts.push(format!("{}{case}", "a".repeat(at)));
+                }
+            }
+        }
+        // Keywords that Unicode case folding matches and ASCII lowercasing does not.
+        texts.push("the paſſword=hunter22 and ſecret: abcdefgh".into());
+        texts.push("\u{212a}ey".into());
+        texts
+    }
+
+    #[test]
+    fn the_prefilter_names_the_members_the_set_does_and_masking_agrees_with_naive() {
+        let m = default_masker();
+        let mut judged = 0;
+        let prefilter = m
+            .prefilter
+            .as_ref()
+            .expect("the default pack suits the prefilter");
+        for text in corpus() {
+            let truth: Vec<usize> = m.set.matches(&text).into_iter().collect();
+            let mut quick = Vec::new();
+            if prefilter.candidates(&text, &mut quick) {
+                quick.sort_unstable();
+                quick.dedup();
+                assert_eq!(quick, truth, "{text:?}");
+                judged += 1;
+            } else {
+                assert!(!text.is_ascii(), "{text:?} is ASCII");
+            }
+            for scope in [Scope::Params, Scope::Result] {
+                let (mut a, mut b) = (json!(text), json!(text));
+                m.mask_value(&mut a, scope);
+                m.mask_value_naive(&mut b, scope);
+                assert_eq!(a, b, "{text:?}");
+            }
+        }
+        assert!(judged > 1000, "{judged} judged by the prefilter");
     }
 
     #[test]

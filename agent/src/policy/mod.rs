@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod http2;
 pub mod live;
 pub mod masking;
+mod prefilter;
 pub mod tls;
 pub mod validators;
 
