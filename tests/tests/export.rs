@@ -509,6 +509,15 @@ fn the_export_command_ships_otlp_and_json_lines_that_verify() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
         std::fs::set_permissions(&headers, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
+    // Without the token the collector answers 401: the export stops at once, says what to fix
+    // and moves no cursor; the run with it below sends everything.
+    let out = export(&["--ca-file", pki.ca.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused the export") && err.contains("401") && err.contains("--headers-file"),
+        "{err}"
+    );
     let out = export(&[
         "--headers-file",
         headers.to_str().unwrap(),

@@ -155,7 +155,12 @@ fn run_tests_bin(
 }
 
 /// The fuzz targets of fuzz/Cargo.toml.
-pub const FUZZ_TARGETS: [&str; 3] = ["jsonrpc_classify", "sse_decode", "request_plan"];
+pub const FUZZ_TARGETS: [&str; 4] = [
+    "jsonrpc_classify",
+    "sse_decode",
+    "request_plan",
+    "mask_candidates",
+];
 
 /// Runs one fuzz target for `seconds`, from its committed seeds (fuzz/seeds/TARGET) and the
 /// corpus it has grown (fuzz/corpus/TARGET, not committed).

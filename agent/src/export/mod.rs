@@ -42,6 +42,10 @@ pub enum ExportError {
     Cursor { path: PathBuf, why: String },
     #[error("reading the trail: {0}")]
     Trail(#[from] crate::audit::AuditError),
+    #[error(
+        "the collector at {endpoint} refused the export: {why}. Fix the endpoint, its credentials (--headers-file) or the collector, then run the export again: it resumes after the last batch the collector took, so nothing is skipped or sent twice"
+    )]
+    Refused { endpoint: String, why: String },
 }
 
 /// `Name: value` per line (`#` comments), for an auth token the collector wants. The file
@@ -135,13 +139,21 @@ const FAILED_MAX: Duration = Duration::from_secs(300);
 
 /// Sends `items` until the collector has taken every one: a partial success splits the batch
 /// and sends each half again, so the records it rejects end up alone and keep being retried.
-/// Returns false when `stop` fired first.
+/// Returns false when `stop` fired first. With `give_up`, a refusal that is not "later" (a 401,
+/// a 400, a record rejected alone) ends the delivery with an error instead: an export run by
+/// hand would otherwise wait forever on what a person has to fix. The agent's own exporter
+/// keeps retrying, more slowly (nothing is dropped; the log and metrics say why).
 async fn deliver(
     client: &mut Client,
     settings: &Settings,
     items: Vec<Item>,
     stop: &CancellationToken,
-) -> bool {
+    give_up: bool,
+) -> Result<bool, ExportError> {
+    let refused = |client: &Client, why: String| ExportError::Refused {
+        endpoint: client.endpoint(),
+        why,
+    };
     let m = crate::metrics::get();
     let mut queue = vec![items];
     while let Some(batch) = queue.pop() {
@@ -174,6 +186,12 @@ async fn deliver(
                         queue.push(first);
                         break;
                     }
+                    if give_up {
+                        return Err(refused(
+                            client,
+                            format!("it rejected a record on its own ({message})"),
+                        ));
+                    }
                     attempt += 1;
                     backoff(attempt, FAILED_BASE, FAILED_MAX, jitter(), None)
                 }
@@ -185,6 +203,9 @@ async fn deliver(
                     wait
                 }
                 Outcome::Failed { why } => {
+                    if give_up {
+                        return Err(refused(client, why));
+                    }
                     attempt += 1;
                     m.export_retries.with_label_values(&["failed"]).inc();
                     let wait = backoff(attempt, FAILED_BASE, FAILED_MAX, jitter(), None);
@@ -194,14 +215,16 @@ async fn deliver(
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stop.cancelled() => return false,
+                _ = stop.cancelled() => return Ok(false),
             }
         }
     }
-    true
+    Ok(true)
 }
 
 /// Exports from `cursor` on: until the trail is sent (or, with `follow`, until `stop`).
+/// Without `follow`, a refusal a person has to fix ends it with [`ExportError::Refused`],
+/// the cursor at the last batch the collector took.
 pub async fn run(
     reader: Arc<Reader>,
     cursor: cursor::Cursor,
@@ -227,7 +250,7 @@ pub async fn run(
         .expect("the trail reader does not panic")?;
         let moved = next != pos;
         if moved {
-            if !deliver(&mut client, &settings, items, &stop).await {
+            if !deliver(&mut client, &settings, items, &stop, !follow).await? {
                 return Ok(pos);
             }
             cursor.store(next)?;
@@ -238,7 +261,7 @@ pub async fn run(
         if !follow {
             // Nothing new, but an anchor not yet sent goes out once.
             if with_anchor && !items.is_empty() {
-                let _ = deliver(&mut client, &settings, items, &stop).await;
+                deliver(&mut client, &settings, items, &stop, true).await?;
             }
             return Ok(pos);
         }
@@ -252,6 +275,113 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A collector that answers every request with `status`, and counts them.
+    async fn collector(status: u16) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |_req| {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            hyper::Response::builder().status(status).body(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"bad token")),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    fn trail(dir: &Path) -> (crate::audit::Store, Arc<Reader>) {
+        use crate::audit::record::{AgentStop, Event};
+        let mut store = crate::audit::Store::open(dir).unwrap();
+        let stop = |reason: &str| {
+            Event::AgentStop(AgentStop {
+                time: "2026-12-01T00:00:00Z".into(),
+                reason: reason.into(),
+                counters: Default::default(),
+            })
+        };
+        store.append_group([stop("one"), stop("two")]).unwrap();
+        (store, Arc::new(Reader::open(dir).unwrap()))
+    }
+
+    fn settings(url: &str) -> Settings {
+        Settings {
+            target: client::Target::new(url, Vec::new(), None, Duration::from_secs(5)).unwrap(),
+            origin: otlp::Origin {
+                host: "test".into(),
+                version: "0".into(),
+                public_key: "00".repeat(32),
+            },
+            batch_records: DEFAULT_BATCH_RECORDS,
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            poll: Duration::from_millis(50),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_export_by_hand_ends_on_a_refusal_with_what_to_do_and_keeps_its_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, reader) = trail(dir.path());
+        let (url, seen) = collector(401).await;
+        let cursor = cursor::Cursor::named(dir.path(), "hand").unwrap();
+        let run = run(
+            reader,
+            cursor.clone(),
+            settings(&url),
+            false,
+            CancellationToken::new(),
+        );
+        let err = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("a refused export ends")
+            .expect_err("a refused export is an error");
+        let text = err.to_string();
+        assert!(matches!(err, ExportError::Refused { .. }), "{text}");
+        assert!(text.contains("401") && text.contains("bad token"), "{text}");
+        assert!(text.contains("run the export again"), "{text}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(cursor.load().unwrap(), feed::Position::default());
+    }
+
+    #[tokio::test]
+    async fn the_agents_exporter_keeps_retrying_a_refusal_until_it_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, reader) = trail(dir.path());
+        let (url, seen) = collector(403).await;
+        let cursor = cursor::Cursor::named(dir.path(), "agent").unwrap();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(
+            reader,
+            cursor.clone(),
+            settings(&url),
+            true,
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!task.is_finished(), "the exporter gave up");
+        stop.cancel();
+        let pos = task
+            .await
+            .unwrap()
+            .expect("a stopped exporter is not an error");
+        assert_eq!(pos, feed::Position::default());
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(cursor.load().unwrap(), feed::Position::default());
+    }
 
     #[test]
     fn backoff_doubles_jitters_caps_and_honours_retry_after() {
