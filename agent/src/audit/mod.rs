@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 pub use reader::{Reader, StoredRecord};
 pub use record::{Event, Record};
-pub use store::{AuditLog, Store};
+pub use store::{AuditLog, Store, Watermark};
 
 /// Name of the RocksDB folder inside the state directory.
 pub const TRAIL_DIR: &str = "trail";

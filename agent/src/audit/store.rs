@@ -134,8 +134,35 @@ pub struct Store {
     /// Retention running on a thread of its own, if it is; the thread answers whether its write
     /// failed (the store must then be reopened, as after a failed append).
     retention: Option<std::thread::JoinHandle<bool>>,
+    watermark: Arc<Watermark>,
     #[cfg(test)]
     retention_hook: Option<RetentionHook>,
+}
+
+/// How far the trail is written, and how far it is known to be on disk (the WAL synced over
+/// it). A reader that ships records elsewhere stops at the second: a record past it can still
+/// be lost in a crash of the host, and the records written after the restart would then take
+/// its sequence number, so the copy shipped would look like a record changed.
+#[derive(Debug, Default)]
+pub struct Watermark {
+    written: AtomicU64,
+    synced: AtomicU64,
+}
+
+impl Watermark {
+    /// The newest record known to be on disk.
+    pub fn synced(&self) -> u64 {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// A sync that began after `written` was read has finished.
+    fn synced_through(&self, written: u64) {
+        self.synced.fetch_max(written, Ordering::AcqRel);
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
 }
 
 /// Holds the next retention job at its start until the test lets it go.
@@ -231,6 +258,11 @@ impl Store {
             checkpointed,
             checkpointed_at: Instant::now(),
             retention: None,
+            // What an open finds was on disk before it.
+            watermark: Arc::new(Watermark {
+                written: AtomicU64::new(head.seq),
+                synced: AtomicU64::new(head.seq),
+            }),
             #[cfg(test)]
             retention_hook: None,
         })
@@ -271,6 +303,9 @@ impl Store {
             },
         )?;
         self.head = read_head(&db)?;
+        self.watermark
+            .written
+            .store(self.head.seq, Ordering::Release);
         self.checkpointed = last_key(&db, CF_CHECKPOINTS)?.unwrap_or(0);
         self.db = Some(Arc::new(db));
         self.broken = false;
@@ -306,6 +341,7 @@ impl Store {
         let Some(db) = self.db.as_ref().map(Arc::downgrade) else {
             return;
         };
+        let watermark = self.watermark.clone();
         let spawned = std::thread::Builder::new()
             .name("audit-wal-sync".into())
             .spawn(move || {
@@ -313,7 +349,11 @@ impl Store {
                 while let Some(db) = db.upgrade() {
                     let started = Instant::now();
                     let seq = db.latest_sequence_number();
+                    let written = watermark.written();
                     let synced = db.flush_wal(true);
+                    if synced.is_ok() {
+                        watermark.synced_through(written);
+                    }
                     // An idle window's sync writes nothing: it would only crowd the histogram.
                     if seq != synced_at {
                         synced_at = seq;
@@ -566,6 +606,10 @@ impl Store {
         self.write(batch, sync)?;
         // Only advance once written: a failed batch leaves no gap in the chain.
         self.head = head;
+        self.watermark.written.store(head.seq, Ordering::Release);
+        if sync {
+            self.watermark.synced_through(head.seq);
+        }
         Ok(Appended {
             seqs,
             checkpoint_due: self.checkpoint_due(&head),
@@ -584,6 +628,11 @@ impl Store {
     /// writing a checkpoint).
     fn db_shared(&self) -> Result<Arc<DB>, AuditError> {
         self.db.clone().ok_or(AuditError::Closed)
+    }
+
+    /// How far the trail is on disk, for readers that ship it elsewhere.
+    pub fn watermark(&self) -> Arc<Watermark> {
+        self.watermark.clone()
     }
 
     /// Hands the store to the trail's own thread and returns the handle that producers clone.
@@ -691,9 +740,16 @@ fn checkpoint_shared(store: &Mutex<Store>) -> Result<(), AuditError> {
 
 /// Syncs the WAL: everything written before this call is then on disk.
 fn sync_wal(store: &Mutex<Store>) -> Result<(), AuditError> {
-    let db = lock(store).db_shared()?;
+    let (db, watermark) = {
+        let s = lock(store);
+        (s.db_shared()?, s.watermark.clone())
+    };
+    let written = watermark.written();
     let started = Instant::now();
     let r = db.flush_wal(true).map_err(AuditError::Write);
+    if r.is_ok() {
+        watermark.synced_through(written);
+    }
     crate::metrics::get()
         .fsync_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -965,12 +1021,12 @@ fn trail_loop(
     // trail's thread, and the process may exit under it.
     store.join_retention();
     // Flushing on the way out keeps the next open fast; the WAL already made it durable.
+    let written = store.watermark.written();
     match store.db() {
-        Ok(db) => {
-            if let Err(e) = db.flush_wal(true) {
-                tracing::warn!(error = %e, "flushing the audit WAL at shutdown failed");
-            }
-        }
+        Ok(db) => match db.flush_wal(true) {
+            Ok(()) => store.watermark.synced_through(written),
+            Err(e) => tracing::warn!(error = %e, "flushing the audit WAL at shutdown failed"),
+        },
         Err(e) => tracing::warn!(error = %e, "the audit trail is closed at shutdown"),
     }
 }
@@ -1096,6 +1152,11 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
+    /// How far the trail is on disk (see [`Watermark`]).
+    pub fn watermark(&self) -> Arc<Watermark> {
+        lock(&self.shared.store).watermark()
+    }
+
     /// Whether the last write to the trail succeeded.
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Relaxed)
@@ -1428,6 +1489,25 @@ mod tests {
         let blocker =
             DB::open_cf_descriptors(&db_options(), &store.path, cf_descriptors()).unwrap();
         (store, blocker)
+    }
+
+    #[test]
+    fn the_watermark_moves_past_a_record_only_once_a_sync_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.append_group([stop("synced")]).unwrap();
+        let mark = store.watermark();
+        assert_eq!(mark.synced(), 1, "a synced append is on disk");
+        store.set_durability(Durability::Buffered(Duration::from_secs(3600)));
+        store.append_group([stop("a"), stop("b")]).unwrap();
+        assert_eq!((mark.written(), mark.synced()), (3, 1));
+        let store = Mutex::new(store);
+        sync_wal(&store).unwrap();
+        assert_eq!(mark.synced(), 3);
+        drop(store);
+        // Reopened, the trail holds what was on disk.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.watermark().synced(), 3);
     }
 
     #[test]

@@ -87,8 +87,14 @@ pub fn run(state_dir: &Path, args: ExportArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut with_anchor = true;
     loop {
-        let (items, next) =
-            feed::next_batch(&reader, pos, super::out::BATCH, usize::MAX, with_anchor)?;
+        let (items, next) = feed::next_batch(
+            &reader,
+            pos,
+            super::out::BATCH,
+            usize::MAX,
+            with_anchor,
+            u64::MAX,
+        )?;
         with_anchor = false;
         {
             let mut out = stdout.lock();
@@ -176,6 +182,8 @@ pub fn otlp_settings(
         batch_records,
         batch_bytes,
         poll: Duration::from_millis(200),
+        // Another process's trail: its syncs are not seen from here.
+        durable: None,
     })
 }
 

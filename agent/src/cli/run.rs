@@ -720,7 +720,7 @@ async fn serve(
         ));
     }
     let exporter = match &args.export_otlp {
-        Some(endpoint) => Some(start_export(state_dir, &args, endpoint)?),
+        Some(endpoint) => Some(start_export(state_dir, &args, endpoint, audit.watermark())?),
         None => None,
     };
     control::serve(
@@ -828,8 +828,13 @@ impl Exporter {
     }
 }
 
-fn start_export(state_dir: &Path, args: &RunArgs, endpoint: &str) -> anyhow::Result<Exporter> {
-    let settings = super::export::otlp_settings(
+fn start_export(
+    state_dir: &Path,
+    args: &RunArgs,
+    endpoint: &str,
+    durable: Arc<crate::audit::Watermark>,
+) -> anyhow::Result<Exporter> {
+    let mut settings = super::export::otlp_settings(
         state_dir,
         endpoint,
         &[],
@@ -838,6 +843,8 @@ fn start_export(state_dir: &Path, args: &RunArgs, endpoint: &str) -> anyhow::Res
         args.export_otlp_batch_records,
         args.export_otlp_batch_bytes,
     )?;
+    // The agent's own trail: nothing leaves before it is on disk here.
+    settings.durable = Some(durable);
     let cursor = crate::export::cursor::Cursor::named(state_dir, &args.export_otlp_cursor)?;
     let reader = Arc::new(crate::audit::Reader::open(state_dir)?);
     let spawn = {

@@ -59,15 +59,16 @@ pub struct Position {
     pub checkpoint: u64,
 }
 
-/// The next items after `pos`: at most `max_items` records and about `max_bytes`, then the
-/// checkpoints up to the last of them (with the anchor first when `with_anchor`). Returns the
-/// items and the position after them.
+/// The next items after `pos`: at most `max_items` records and about `max_bytes`, none past
+/// `through`, then the checkpoints up to the last of them (with the anchor first when
+/// `with_anchor`). Returns the items and the position after them.
 pub fn next_batch(
     reader: &Reader,
     pos: Position,
     max_items: usize,
     max_bytes: usize,
     with_anchor: bool,
+    through: u64,
 ) -> Result<(Vec<Item>, Position), AuditError> {
     let mut items = Vec::new();
     let mut bytes = 0;
@@ -79,7 +80,7 @@ pub fn next_batch(
         });
     }
     let mut failed = None;
-    reader.raw_range(pos.record + 1, u64::MAX, |entry| {
+    reader.raw_range(pos.record + 1, through, |entry| {
         let Some(seq) = entry.seq else { return true };
         let Some(hash) = entry.chain.filter(|h| h.len() == 32) else {
             failed = Some(AuditError::BadChain(seq));

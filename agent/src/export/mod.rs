@@ -125,7 +125,14 @@ pub struct Settings {
     pub batch_bytes: usize,
     /// How often a caught-up exporter looks for new records.
     pub poll: Duration,
+    /// The trail's watermark, when it is this process's: nothing past what is on disk leaves
+    /// (see [`crate::audit::Watermark`]). `None` ships whatever the trail holds.
+    pub durable: Option<Arc<crate::audit::Watermark>>,
 }
+
+/// How long an export that does not follow waits for the trail's next sync to cover records
+/// it holds back (a buffered trail syncs every few milliseconds).
+const DURABLE_WAIT: Duration = Duration::from_secs(2);
 
 pub const DEFAULT_BATCH_RECORDS: usize = 512;
 pub const DEFAULT_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -235,6 +242,7 @@ pub async fn run(
     let mut client = Client::new(settings.target.clone());
     let mut pos = cursor.load()?;
     let mut with_anchor = true;
+    let mut held_since: Option<tokio::time::Instant> = None;
     loop {
         let (r, p, records, bytes) = (
             reader.clone(),
@@ -242,9 +250,14 @@ pub async fn run(
             settings.batch_records,
             settings.batch_bytes,
         );
-        let (items, next) = tokio::task::spawn_blocking(move || {
+        let through = settings.durable.as_ref().map_or(u64::MAX, |w| w.synced());
+        let (items, next, held) = tokio::task::spawn_blocking(move || {
             r.catch_up()?;
-            feed::next_batch(&r, p, records, bytes, with_anchor)
+            let (items, next) = feed::next_batch(&r, p, records, bytes, with_anchor, through)?;
+            let held = r
+                .last_seq()?
+                .is_some_and(|last| last > through.max(next.record));
+            Ok::<_, ExportError>((items, next, held))
         })
         .await
         .expect("the trail reader does not panic")?;
@@ -256,7 +269,22 @@ pub async fn run(
             cursor.store(next)?;
             pos = next;
             with_anchor = false;
+            held_since = None;
             continue;
+        }
+        if !follow && held {
+            // Records are written but not yet on disk: wait for the sync that covers them.
+            let since = *held_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < DURABLE_WAIT {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => continue,
+                    _ = stop.cancelled() => return Ok(pos),
+                }
+            }
+            tracing::warn!(
+                through,
+                "the trail has records not yet on disk after {DURABLE_WAIT:?}: they leave with the next export"
+            );
         }
         if !follow {
             // Nothing new, but an anchor not yet sent goes out once.
@@ -276,7 +304,8 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    /// A collector that answers every request with `status`, and counts them.
+    /// A collector that answers every request with `status` (and `bad token`, or nothing for a
+    /// 200), and counts them.
     async fn collector(status: u16) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use hyper::service::service_fn;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -304,17 +333,20 @@ mod tests {
         (url, seen)
     }
 
+    fn stop_event(reason: &str) -> crate::audit::Event {
+        crate::audit::Event::AgentStop(crate::audit::record::AgentStop {
+            time: "2026-12-01T00:00:00Z".into(),
+            reason: reason.into(),
+            counters: Default::default(),
+        })
+    }
+
+    /// A trail of two records, synced.
     fn trail(dir: &Path) -> (crate::audit::Store, Arc<Reader>) {
-        use crate::audit::record::{AgentStop, Event};
         let mut store = crate::audit::Store::open(dir).unwrap();
-        let stop = |reason: &str| {
-            Event::AgentStop(AgentStop {
-                time: "2026-12-01T00:00:00Z".into(),
-                reason: reason.into(),
-                counters: Default::default(),
-            })
-        };
-        store.append_group([stop("one"), stop("two")]).unwrap();
+        store
+            .append_group([stop_event("one"), stop_event("two")])
+            .unwrap();
         (store, Arc::new(Reader::open(dir).unwrap()))
     }
 
@@ -329,7 +361,50 @@ mod tests {
             batch_records: DEFAULT_BATCH_RECORDS,
             batch_bytes: DEFAULT_BATCH_BYTES,
             poll: Duration::from_millis(50),
+            durable: None,
         }
+    }
+
+    #[tokio::test]
+    async fn the_agents_trail_leaves_only_once_it_is_on_disk() {
+        use crate::audit::store::Durability;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, reader) = trail(dir.path());
+        let mark = store.watermark();
+        // Written, not yet synced: a crash of the host could still take these back.
+        store.set_durability(Durability::Buffered(Duration::from_secs(3600)));
+        store.append_group([stop_event("three")]).unwrap();
+        reader.catch_up().unwrap();
+        assert_eq!(reader.last_seq().unwrap(), Some(3));
+        let (url, seen) = collector(200).await;
+        let cursor = cursor::Cursor::named(dir.path(), "agent").unwrap();
+        let mut with_mark = settings(&url);
+        with_mark.durable = Some(mark.clone());
+        let started = std::time::Instant::now();
+        let first = run(
+            reader.clone(),
+            cursor.clone(),
+            with_mark.clone(),
+            false,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(first.record, 2, "only what was on disk left");
+        assert!(
+            started.elapsed() >= DURABLE_WAIT,
+            "it waited for a sync first"
+        );
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A synced append covers everything written before it.
+        store.set_durability(Durability::Sync);
+        store.append_group([stop_event("four")]).unwrap();
+        assert_eq!(mark.synced(), 4);
+        let second = run(reader, cursor, with_mark, false, CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(second.record, 4);
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
