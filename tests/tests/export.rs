@@ -515,7 +515,7 @@ fn the_export_command_ships_otlp_and_json_lines_that_verify() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("refused the export") && err.contains("401") && err.contains("--headers-file"),
+        err.contains("refused the export") && err.contains("401") && err.contains("headers file"),
         "{err}"
     );
     let out = export(&[

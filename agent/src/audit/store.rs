@@ -258,7 +258,8 @@ impl Store {
             checkpointed,
             checkpointed_at: Instant::now(),
             retention: None,
-            // What an open finds was on disk before it.
+            // What an open finds is on disk: recovery replays the WAL into tables it flushes
+            // (RocksDB's default, `avoid_flush_during_recovery` off).
             watermark: Arc::new(Watermark {
                 written: AtomicU64::new(head.seq),
                 synced: AtomicU64::new(head.seq),
@@ -704,14 +705,16 @@ async fn answer<T>(wait: oneshot::Receiver<Result<T, String>>) -> Result<T, Audi
 /// appenders' lock only to read the head and to note what was signed: the signature, the
 /// write and its sync happen while appends go on.
 fn checkpoint_shared(store: &Mutex<Store>) -> Result<(), AuditError> {
-    let (head, key, db) = {
+    let (head, key, db, watermark) = {
         let mut s = lock(store);
         s.recover()?;
         if s.head.seq <= s.checkpointed {
             return Ok(());
         }
-        (s.head, s.key.clone(), s.db_shared()?)
+        (s.head, s.key.clone(), s.db_shared()?, s.watermark.clone())
     };
+    // The sync below covers every record written before it.
+    let synced = watermark.written();
     let cp = Checkpoint::sign(&key, head.seq, &head.hash, now_rfc3339());
     let cf = db.cf_handle(CF_CHECKPOINTS).expect("checkpoints CF opened");
     let written = db
@@ -725,6 +728,7 @@ fn checkpoint_shared(store: &Mutex<Store>) -> Result<(), AuditError> {
     let mut s = lock(store);
     match written {
         Ok(()) => {
+            watermark.synced_through(synced);
             if head.seq > s.checkpointed {
                 s.checkpointed = head.seq;
                 s.checkpointed_at = Instant::now();

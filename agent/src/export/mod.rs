@@ -43,7 +43,7 @@ pub enum ExportError {
     #[error("reading the trail: {0}")]
     Trail(#[from] crate::audit::AuditError),
     #[error(
-        "the collector at {endpoint} refused the export: {why}. Fix the endpoint, its credentials (--headers-file) or the collector, then run the export again: it resumes after the last batch the collector took, so nothing is skipped or sent twice"
+        "the collector at {endpoint} refused the export: {why}. Fix the endpoint, the credentials sent to it (the headers file) or the collector; the next export resumes after the last batch the collector took, so nothing is skipped (the batch refused is sent again, and the collector may see some of its records twice)"
     )]
     Refused { endpoint: String, why: String },
 }
@@ -427,7 +427,7 @@ mod tests {
         let text = err.to_string();
         assert!(matches!(err, ExportError::Refused { .. }), "{text}");
         assert!(text.contains("401") && text.contains("bad token"), "{text}");
-        assert!(text.contains("run the export again"), "{text}");
+        assert!(text.contains("the next export resumes"), "{text}");
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(cursor.load().unwrap(), feed::Position::default());
     }

@@ -36,7 +36,7 @@ const TEDDY_PATTERNS: usize = 32;
 /// Strings shorter than this skip the windows.
 const SHORT: usize = 32;
 
-/// Bytes lowercased at a time; keywords longer than half of it are left to the set.
+/// Bytes lowercased at a time (windows are at most three bytes, so chunks overlap by two).
 const CHUNK: usize = 16 * 1024;
 
 thread_local! {
@@ -64,8 +64,8 @@ pub(super) struct Prefilter {
 }
 
 impl Prefilter {
-    /// `None` when the members hold something this cannot judge exactly (an empty, non-ASCII
-    /// or very long keyword, a pattern that does not parse): the set then answers alone.
+    /// `None` when the members hold something this cannot judge exactly (an empty or non-ASCII
+    /// keyword, a pattern that does not parse): the set then answers alone.
     pub(super) fn new(members: &[Member<'_>]) -> Option<Self> {
         let mut keywords: Vec<String> = Vec::new();
         let mut keyword_members: Vec<Vec<usize>> = Vec::new();
@@ -74,7 +74,7 @@ impl Prefilter {
             match m {
                 Member::Keywords(ks) => {
                     for k in ks.iter() {
-                        if k.is_empty() || !k.is_ascii() || k.len() > CHUNK / 2 {
+                        if k.is_empty() || !k.is_ascii() {
                             return None;
                         }
                         let k = k.to_ascii_lowercase();
@@ -109,7 +109,8 @@ impl Prefilter {
         })
     }
 
-    /// Pushes onto `out` the members that match `s` (each once or more, in no order): the
+    /// Pushes onto `out` the members that match `s` (in no order, a member at most once per
+    /// keyword or pattern that names it): the
     /// members the set's `matches` names. False, with nothing pushed, for text that is not
     /// ASCII: ask the set.
     pub(super) fn candidates(&self, s: &str, out: &mut Vec<usize>) -> bool {
@@ -121,8 +122,20 @@ impl Prefilter {
         if let Some(exact) = &self.keywords
             && (s.len() < SHORT || self.windows.found_in(s.as_bytes()))
         {
+            // Each keyword's members once, and no further than the last keyword still unseen:
+            // a string of a million `@` would otherwise list its members a million times.
+            let mut seen = vec![false; self.keyword_members.len()];
+            let mut unseen = seen.len();
             for m in exact.find_overlapping_iter(s) {
-                out.extend(&self.keyword_members[m.pattern().as_usize()]);
+                let k = m.pattern().as_usize();
+                if !seen[k] {
+                    seen[k] = true;
+                    out.extend(&self.keyword_members[k]);
+                    unseen -= 1;
+                    if unseen == 0 {
+                        break;
+                    }
+                }
             }
         }
         self.gates.matching(s, out);
@@ -144,7 +157,7 @@ struct Windows {
 
 #[derive(Debug)]
 enum Longer {
-    /// Teddy, where the CPU has SSSE3 or AVX2.
+    /// Teddy's 16-bucket variant, where the CPU has AVX2.
     Packed(packed::Searcher),
     /// Otherwise an automaton over the same windows.
     Automaton(AhoCorasick),
@@ -326,9 +339,20 @@ fn windows(keywords: &[String], most: usize) -> Vec<String> {
             None => groups.push((w.to_owned(), vec![k])),
         }
     }
-    // A window holding another's is found whenever that one is.
-    let all: Vec<String> = groups.iter().map(|(w, _)| w.clone()).collect();
-    groups.retain(|(w, _)| !all.iter().any(|o| o != w && w.contains(o.as_str())));
+    // A window holding another's is found whenever that one is: its keywords join that group
+    // (so that a later merge still finds a window in each of them).
+    let mut i = 0;
+    while i < groups.len() {
+        let holder = &groups[i].0;
+        match (0..groups.len()).find(|&j| j != i && holder.contains(groups[j].0.as_str())) {
+            Some(j) => {
+                let (_, moved) = groups.remove(i);
+                let j = if j > i { j - 1 } else { j };
+                groups[j].1.extend(moved);
+            }
+            None => i += 1,
+        }
+    }
     while groups.len() > most {
         let mut best: Option<(f64, usize, usize, String)> = None;
         for i in 0..groups.len() {
@@ -608,7 +632,7 @@ mod tests {
     }
 
     #[test]
-    fn each_keyword_holds_one_of_the_windows_and_there_are_few_enough_for_slim_teddy() {
+    fn each_keyword_holds_one_of_the_windows_and_there_are_at_most_32() {
         let shared = windows(&["password".into(), "passwd".into()], 1);
         assert_eq!(shared, ["ssw"]);
         assert_eq!(rarest_window("api_key", 3), "i_k");
@@ -629,6 +653,16 @@ mod tests {
         }
         // With room for all, each keeps its own rarest window.
         assert!(windows(&keywords, usize::MAX).len() > found.len());
+    }
+
+    #[test]
+    fn a_keyword_repeated_a_million_times_names_its_member_once() {
+        let (at, url) = (["@".to_string()], ["://".to_string(), "@".to_string()]);
+        let p = Prefilter::new(&[Member::Keywords(&at), Member::Keywords(&url)]).unwrap();
+        let mut out = Vec::new();
+        assert!(p.candidates(&"@".repeat(1 << 20), &mut out));
+        out.sort_unstable();
+        assert_eq!(out, [0, 1]);
     }
 
     #[test]
