@@ -124,12 +124,22 @@ impl Prefilter {
         {
             // Each keyword's members once, and no further than the last keyword still unseen:
             // a string of a million `@` would otherwise list its members a million times.
-            let mut seen = vec![false; self.keyword_members.len()];
-            let mut unseen = seen.len();
+            // (A bitmask for up to 64 keywords: short strings come here on every call.)
+            let n = self.keyword_members.len();
+            let (mut small, mut large) = (0u64, if n > 64 { vec![false; n] } else { Vec::new() });
+            let mut first_time = |k: usize| {
+                if n > 64 {
+                    !std::mem::replace(&mut large[k], true)
+                } else {
+                    let was = small & 1 << k == 0;
+                    small |= 1 << k;
+                    was
+                }
+            };
+            let mut unseen = n;
             for m in exact.find_overlapping_iter(s) {
                 let k = m.pattern().as_usize();
-                if !seen[k] {
-                    seen[k] = true;
+                if first_time(k) {
                     out.extend(&self.keyword_members[k]);
                     unseen -= 1;
                     if unseen == 0 {
@@ -663,6 +673,16 @@ mod tests {
         assert!(p.candidates(&"@".repeat(1 << 20), &mut out));
         out.sort_unstable();
         assert_eq!(out, [0, 1]);
+    }
+
+    #[test]
+    fn more_than_64_keywords_are_each_named_once_too() {
+        let lists: Vec<[String; 1]> = (0..70).map(|i| [format!("kw{i:02}z")]).collect();
+        let members: Vec<Member<'_>> = lists.iter().map(|k| Member::Keywords(k)).collect();
+        let p = Prefilter::new(&members).unwrap();
+        let mut out = Vec::new();
+        assert!(p.candidates("KW05z kw69z kw05z, not kw7z", &mut out));
+        assert_eq!(out, [5, 69]);
     }
 
     #[test]
