@@ -254,9 +254,11 @@ pub async fn run(
         let (items, next, held) = tokio::task::spawn_blocking(move || {
             r.catch_up()?;
             let (items, next) = feed::next_batch(&r, p, records, bytes, with_anchor, through)?;
-            let held = r
-                .last_seq()?
-                .is_some_and(|last| last > through.max(next.record));
+            // Only a run that ends when caught up waits for a sync (following, the next poll
+            // sees it): no look at the trail's end otherwise.
+            let held = !follow
+                && r.last_seq()?
+                    .is_some_and(|last| last > through.max(next.record));
             Ok::<_, ExportError>((items, next, held))
         })
         .await
@@ -272,7 +274,7 @@ pub async fn run(
             held_since = None;
             continue;
         }
-        if !follow && held {
+        if held {
             // Records are written but not yet on disk: wait for the sync that covers them.
             let since = *held_since.get_or_insert_with(tokio::time::Instant::now);
             if since.elapsed() < DURABLE_WAIT {
