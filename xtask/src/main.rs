@@ -253,6 +253,27 @@ fn describe(cmd: &Command) -> String {
 /// Builds the agent (debug profile, shared with the tests) and returns the binary's path.
 fn build() -> anyhow::Result<PathBuf> {
     run_checked(cargo().args(["build", "--package", "mcptrail", "--bin", "mcptrail"]))?;
+    debug_agent()
+}
+
+/// Builds every target `cargo test --workspace` and the clippy pass build, the agent's
+/// binary among them, and returns its path. Cargo unifies the features of build
+/// dependencies and proc-macros over the packages a command names, so the agent built alone
+/// (`build`) gets a RocksDB build script of its own, and RocksDB's C++ is compiled a second
+/// time on a fresh machine (15 minutes on two cores); built with the same packages as the
+/// test run, it is compiled once.
+fn build_for_tests() -> anyhow::Result<PathBuf> {
+    run_checked(cargo().args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "agent-ebpf",
+        "--all-targets",
+    ]))?;
+    debug_agent()
+}
+
+fn debug_agent() -> anyhow::Result<PathBuf> {
     let bin = target_dir().join("debug").join("mcptrail");
     if !bin.exists() {
         bail!("the build finished but {} is missing", bin.display());

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: formatting, lints (host and BPF), build, every test, and the demo.
 use anyhow::bail;
 
-use crate::{build, cargo, run_checked, run_tests_bin};
+use crate::{cargo, run_checked, run_tests_bin};
 
 pub fn run() -> anyhow::Result<()> {
     if !is_root() {
@@ -43,7 +43,7 @@ pub fn run() -> anyhow::Result<()> {
     for target in crate::FUZZ_TARGETS {
         crate::fuzz(target, 10)?;
     }
-    let bin = build()?;
+    let bin = crate::build_for_tests()?;
     // The package the tests install into a scratch root (tests/tests/package.rs).
     let dist = crate::dist::run()?;
     run_checked(
