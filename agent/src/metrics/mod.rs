@@ -274,6 +274,16 @@ fn proxy_metric(name: &str) -> Option<(&'static str, &'static str, bool)> {
             "Connections open through the proxy now",
             true,
         ),
+        "parked_connections" => (
+            "mcptrail_connections_parked",
+            "Of the open connections, the idle HTTP/1.1 ones parked without buffers until their client sends again",
+            true,
+        ),
+        "connection_parks" => (
+            "mcptrail_connection_parks_total",
+            "Times an idle HTTP/1.1 client connection was parked",
+            false,
+        ),
         "audit_losses" => (
             "mcptrail_audit_losses_total",
             "Records lost because the trail could not be written",

@@ -160,6 +160,24 @@ impl<S> Rewind<S> {
             inner,
         }
     }
+
+    /// Puts `bytes` back ahead of whatever is still to be replayed: what a reader took and
+    /// did not use (hyper's read buffer when a connection is parked) is read again first.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut prefix = Vec::with_capacity(bytes.len() + self.prefix.len() - self.at);
+        prefix.extend_from_slice(bytes);
+        prefix.extend_from_slice(&self.prefix[self.at..]);
+        self.prefix = prefix;
+        self.at = 0;
+    }
+
+    /// Whether bytes are waiting to be replayed.
+    pub fn has_unread(&self) -> bool {
+        self.at < self.prefix.len()
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
@@ -220,6 +238,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt as _;
+
+    /// Bytes put back are read first, before what was still to be replayed, then the stream.
+    #[tokio::test]
+    async fn unread_bytes_come_before_the_rest_of_the_prefix_and_the_stream() {
+        use tokio::io::AsyncReadExt as _;
+        let (mut far, near) = tokio::io::duplex(64);
+        far.write_all(b" stream").await.unwrap();
+        drop(far);
+        let mut r = Rewind::new(b"prefix".to_vec(), near);
+        let mut two = [0u8; 2];
+        r.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"pr");
+        r.unread(b"un");
+        r.unread(b"");
+        assert!(r.has_unread());
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"unefix stream");
+        assert!(!r.has_unread());
+        r.unread(b"x");
+        let mut one = [0u8; 1];
+        r.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"x");
+        assert!(!r.has_unread());
+    }
 
     /// The client's side as the proxy stacks it (counted, stall-guarded, rewound) writes
     /// vectored over a TCP socket, so hyper queues a response's body instead of copying it

@@ -150,6 +150,10 @@ pub struct Stats {
     pub self_calls: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub open: AtomicU64,
+    /// Of the open connections, the idle HTTP/1.1 ones parked with no buffers (`http/park.rs`).
+    pub parked: AtomicU64,
+    /// Times a client connection was parked (its HTTP state let go), since the start.
+    pub parks: AtomicU64,
     /// Records that could not be written (the trail failed).
     pub audit_losses: AtomicU64,
     /// Calls and connections refused because the trail could not be written.
@@ -209,6 +213,8 @@ impl Stats {
             ("self_calls_refused", &self.self_calls),
             ("upstream_failures", &self.upstream_failures),
             ("open_connections", &self.open),
+            ("parked_connections", &self.parked),
+            ("connection_parks", &self.parks),
             ("audit_losses", &self.audit_losses),
             ("blocked_by_audit_failure", &self.blocked),
             ("refused_unreadable", &self.unreadable_refused),
@@ -433,6 +439,7 @@ impl Shared {
                 policy: self.settings.policy.clone(),
                 approvals: self.settings.approvals.clone(),
                 upstream_idle: self.settings.upstream_idle,
+                header_timeout: http::HEADER_READ_TIMEOUT,
             },
             shared_process.clone(),
             conn_info,

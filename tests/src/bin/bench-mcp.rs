@@ -797,8 +797,13 @@ struct Held {
     /// Half a second after the last call on them.
     just_used: (u64, f64),
     /// After the agent's `--upstream-idle` (its default, 15 s) has closed their gateway
-    /// connections and its heap trim (every 10 s) has handed the freed memory back.
+    /// connections and parked the clients' (no buffers held), and its heap trim (every 10 s)
+    /// has handed the freed memory back.
     idle: (u64, f64),
+    /// Of the connections, how many were still open after that, and how many then answered
+    /// a call: the figure above is of live connections only if both are all of them.
+    open: u64,
+    answered: u64,
 }
 
 /// Holds `n` keep-alive connections through `agent` (whose cgroup the caller has entered)
@@ -812,11 +817,8 @@ fn hold_and_measure(agent: &Agent, addr: SocketAddr, n: u64, before: u64) -> Hel
         .spawn()
         .expect("starting the connection holder");
     let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
+    let mut stdout = std::io::BufReader::new(holder.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut ready).unwrap();
     assert_eq!(ready.trim(), "ready", "the connection holder failed");
     let per = |rss: u64| (rss, rss.saturating_sub(before) as f64 / n as f64);
     std::thread::sleep(Duration::from_millis(500));
@@ -825,23 +827,40 @@ fn hold_and_measure(agent: &Agent, addr: SocketAddr, n: u64, before: u64) -> Hel
     // sees it (every quarter of it), then a heap trim (every 10 s), and some to spare.
     std::thread::sleep(Duration::from_secs(15 + 4 + 10 + 3));
     let idle = per(rss_kib(agent.pid()));
+    // Then whether they were all still open, and each answers a call.
+    let mut stdin = holder.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"check\n").unwrap();
+    let mut checked = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut checked).unwrap();
+    let mut words = checked.split_whitespace().skip(1).step_by(2);
+    let mut count = || words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    let (open, answered) = (count(), count());
     // Its stdin closing lets it go, and its connections with it.
-    drop(holder.stdin.take());
+    drop(stdin);
     let _ = holder.wait();
-    Held { just_used, idle }
+    Held {
+        just_used,
+        idle,
+        open,
+        answered,
+    }
 }
 
 /// `--case memory`: `n` idle connections held through the profiled agent, for a heap profiler.
 fn hold_idle(agent: &Agent, addr: SocketAddr, n: u64) -> String {
+    // Once what loading freed is back (see the idle figure of the full run).
+    std::thread::sleep(Duration::from_secs(3));
     let before = rss_kib(agent.pid());
     let held = hold_and_measure(agent, addr, n, before);
     format!(
-        "{n} keep-alive connections ({} MiB before them): just used {} MiB, {:.1} KiB per connection; idle {} MiB, {:.1} KiB per connection",
+        "{n} keep-alive connections ({} MiB before them): just used {} MiB, {:.1} KiB per connection; idle {} MiB, {:.1} KiB per connection; then {} open, {} answered a call",
         before / 1024,
         held.just_used.0 / 1024,
         held.just_used.1,
         held.idle.0 / 1024,
-        held.idle.1
+        held.idle.1,
+        held.open,
+        held.answered
     )
 }
 
@@ -974,8 +993,62 @@ fn hold(addr: SocketAddr, n: u64) {
         tasks.join_all().await.into_iter().flatten().collect()
     });
     println!("ready");
-    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    // `check`: how many are still open, then one more call on each (64 at a time), and how
+    // many of those were answered. The end of stdin lets them go.
+    let mut held = held;
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line.trim() == "check" {
+            let open = held.iter().filter(|s| !s.is_closed()).count();
+            let mut groups: Vec<Vec<Sender>> = (0..64).map(|_| Vec::new()).collect();
+            for (i, s) in held.drain(..).enumerate() {
+                groups[i % 64].push(s);
+            }
+            let (answered, back) = rt.block_on(async {
+                let mut tasks = tokio::task::JoinSet::new();
+                for mut group in groups {
+                    tasks.spawn(async move {
+                        let mut ok = 0;
+                        for (i, s) in group.iter_mut().enumerate() {
+                            ok += usize::from(try_call(s, i as u64).await);
+                        }
+                        (ok, group)
+                    });
+                }
+                let mut answered = 0;
+                let mut back = Vec::new();
+                for (ok, group) in tasks.join_all().await {
+                    answered += ok;
+                    back.extend(group);
+                }
+                (answered, back)
+            });
+            held = back;
+            println!("open {open} answered {answered}");
+        }
+        line.clear();
+    }
     drop(held);
+}
+
+/// One small call that may fail (the connection closed): whether it was answered.
+async fn try_call(sender: &mut Sender, id: u64) -> bool {
+    let req = Request::post("/mcp")
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "payload")
+        .body(Full::new(call_body(id, 128, false)))
+        .unwrap();
+    if sender.ready().await.is_err() {
+        return false;
+    }
+    match sender.send_request(req).await {
+        Ok(resp) if resp.status().is_success() => resp.into_body().collect().await.is_ok(),
+        _ => false,
+    }
 }
 
 fn main() {
@@ -1026,6 +1099,11 @@ fn main() {
         &plain_cg,
         &["--durability", "buffered", "--policy", nomask_arg],
     );
+    // Idle: with no traffic, a few seconds after it is ready. At the moment it is ready the
+    // agent still holds what loading its programs freed (the kernel BTF parse, about 15 MB),
+    // which its allocator hands back within about a second; both figures are printed.
+    let ready_rss = rss_kib(buffered.pid());
+    std::thread::sleep(Duration::from_secs(3));
     let idle_rss = rss_kib(buffered.pid());
     let setups: [(&str, &TestCgroup, Option<u32>); 4] = [
         ("direct", &direct_cg, None),
@@ -1269,9 +1347,11 @@ fn main() {
     // that what the allocator kept from the runs above does not count.
     let mem_cg = TestCgroup::new("mcp-memory");
     let mem = start("m", &mem_cg, &["--durability", "buffered"]);
-    let fresh_rss = rss_kib(mem.pid());
-    // The agent hands freed heap back to the kernel every 10 s: wait for that.
+    // The agent hands freed heap back to the kernel every 10 s: wait for that. The fresh
+    // agent's figure, the base its connections are counted from, is read after it too, once
+    // what loading freed is back.
     std::thread::sleep(Duration::from_secs(11));
+    let fresh_rss = rss_kib(mem.pid());
     let after_runs_rss = rss_kib(buffered.pid());
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .expect("reading the descriptor limit");
@@ -1279,13 +1359,15 @@ fn main() {
     enter(&mem_cg.path);
     let held = hold_and_measure(&mem, addr, idle, fresh_rss);
     let per_connection_kib = held.idle.1;
+    let all_alive = held.open == idle && held.answered == idle;
     enter(direct_cg.path.parent().unwrap());
     drop(mem);
 
     println!();
     println!(
-        "Agent resident memory (buffered, release): idle {} MiB; a fresh agent ({} MiB) with {idle} keep-alive connections:",
+        "Agent resident memory (buffered, release): idle {} MiB (3 s after it was ready; {} MiB when it was); a fresh agent ({} MiB) with {idle} keep-alive connections:",
         idle_rss / 1024,
+        ready_rss / 1024,
         fresh_rss / 1024,
     );
     println!(
@@ -1294,9 +1376,13 @@ fn main() {
         held.just_used.1
     );
     println!(
-        "  idle (their gateway connections closed after 15 s unused)  {:>5} MiB, {:.1} KiB per connection",
+        "  idle (parked, their gateway connections closed, after 15 s unused)  {:>5} MiB, {:.1} KiB per connection",
         held.idle.0 / 1024,
         held.idle.1
+    );
+    println!(
+        "  then {} of them still open, and {} answered a call",
+        held.open, held.answered
     );
     println!(
         "  the agent that served the runs above, idle again (after its heap trim): {} MiB",
@@ -1392,8 +1478,12 @@ fn main() {
         (
             "agent RSS per idle keep-alive connection".to_string(),
             "<= 25 KiB".to_string(),
-            format!("{per_connection_kib:.1} KiB"),
-            Some(per_connection_kib <= 25.0),
+            if all_alive {
+                format!("{per_connection_kib:.1} KiB")
+            } else {
+                format!("{per_connection_kib:.1} KiB, but some closed")
+            },
+            Some(all_alive && per_connection_kib <= 25.0),
         ),
         (
             "agent RSS idle".to_string(),

@@ -197,6 +197,18 @@ impl Gateway {
         open
     }
 
+    /// No exchange under way on any of its HTTP/1.1 connections (held or not), and none for
+    /// `idle`: the client's connection may be parked.
+    pub fn is_idle(&self, idle: Duration) -> bool {
+        let Ok(state) = self.state.try_lock() else {
+            return false;
+        };
+        let busy = self.sending.load(Ordering::Acquire) > 0
+            || matches!(&state.sender, Some(Sender::Http1(s)) if in_use(s))
+            || state.pool.iter().any(in_use);
+        !busy && self.unused_for() >= idle
+    }
+
     /// Connection tasks alive now (for the test that they do not grow with reconnects).
     pub async fn live_tasks(&self) -> usize {
         self.state.lock().await.tasks.len()

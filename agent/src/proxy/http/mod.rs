@@ -13,6 +13,7 @@ pub mod body;
 pub mod gateway;
 pub mod h2c;
 mod observe;
+mod park;
 pub mod plan;
 pub mod records;
 pub mod respond;
@@ -31,7 +32,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
@@ -79,7 +80,7 @@ pub fn parse_limit(capture_limit: usize) -> usize {
 }
 
 /// How long a client may take to send a request's head.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The most a client's HTTP/1.1 connection buffers: the largest request head it may send
 /// (past it, 431), and the most read from its socket at once. hyper's read buffer grows with
@@ -104,51 +105,69 @@ pub async fn serve<C: Io>(
     version: Version,
     upstream_version: Version,
 ) -> Result<(), HttpError> {
-    let limits = conn.parts.policy.current().policy.http2;
     let gateway = Arc::new(Gateway::new(upstream, connect, upstream_version).await?);
-    let idle_gateway = gateway.clone();
-    let idle_conn = conn.clone();
-    // HTTP/2 streams, counted in the order hyper takes them up (the order the client opened
-    // them), so concurrent exchanges on one connection keep their own numbers.
-    let streams = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let conn = conn.clone();
-        let gateway = gateway.clone();
-        let stream = (req.version() == hyper::Version::HTTP_2)
-            .then(|| streams.fetch_add(1, Ordering::Relaxed).saturating_mul(2) + 1);
-        // A task of its own: a client that hangs up (or resets the stream) does not cancel
-        // the recording of what it already sent (hyper drops the service future).
-        // Dropped with the future hyper holds: if hyper drops it first, the client reset the
-        // stream (or went away) before its answer.
-        let (alive, gone) = tokio::sync::oneshot::channel::<()>();
-        let task = conn
-            .parts
+    let served = match version {
+        Version::Http1 => park::serve(client, conn, gateway).await,
+        Version::Http2 => serve_http2(client, conn, gateway).await,
+    };
+    match served {
+        Ok(()) => Ok(()),
+        Err(e) => match e.downcast::<hyper::Error>() {
+            // A client that hangs up between or in the middle of its own requests ends the
+            // connection; every exchange it completed is already recorded.
+            Ok(e) if e.is_incomplete_message() || e.is_canceled() => Ok(()),
+            Ok(e) => Err(explain_serve(*e)),
+            Err(e) => Err(HttpError::Connection(e.to_string())),
+        },
+    }
+}
+
+/// One request, in a task of its own: a client that hangs up (or resets the stream) does not
+/// cancel the recording of what it already sent (hyper drops the service future). The
+/// future this returns is the one hyper holds: if hyper drops it first, the client reset the
+/// stream (or went away) before its answer, which the handler learns from `gone`.
+fn exchange(
+    conn: &Arc<Conn>,
+    gateway: &Arc<Gateway>,
+    req: Request<Incoming>,
+    stream: Option<u32>,
+) -> impl std::future::Future<Output = Response<ProxyBody>> + Send + use<> {
+    let (alive, gone) = tokio::sync::oneshot::channel::<()>();
+    let task =
+        conn.parts
             .tracker
             .clone()
-            .spawn(handle(conn, gateway, req, stream, gone));
-        async move {
-            let _alive = alive;
-            Ok::<_, std::convert::Infallible>(task.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "a request handler failed");
-                respond::handler_failed()
-            }))
-        }
-    });
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            .spawn(handle(conn.clone(), gateway.clone(), req, stream, gone));
+    async move {
+        let _alive = alive;
+        task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "a request handler failed");
+            respond::handler_failed()
+        })
+    }
+}
+
+/// An HTTP/2 client (by its preface, or `h2` agreed by ALPN): hyper's HTTP/2 server, every
+/// stream through the same pipeline.
+async fn serve_http2<C: Io>(
+    client: C,
+    conn: Arc<Conn>,
+    gateway: Arc<Gateway>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let limits = conn.parts.policy.current().policy.http2;
+    // Streams, counted in the order hyper takes them up (the order the client opened them),
+    // so concurrent exchanges on one connection keep their own numbers.
+    let streams = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let service = {
+        let (conn, gateway) = (conn.clone(), gateway.clone());
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let stream = streams.fetch_add(1, Ordering::Relaxed).saturating_mul(2) + 1;
+            let answer = exchange(&conn, &gateway, req, Some(stream));
+            async move { Ok::<_, std::convert::Infallible>(answer.await) }
+        })
+    };
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .preserve_header_case(true)
-        // A client that never finishes its request head holds a task and a gateway
-        // connection: it gets this long (hyper's own default, which needs a timer).
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(CLIENT_READ_BUF);
-    // No half-close: a client's EOF ends the connection, and dropping a response stream is
-    // how closing it cancels (2026-07-28) and ends a listen subscription; what the client
-    // sent is recorded anyway (its handler is a task of its own).
-    builder
-        .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_list_size)
@@ -162,41 +181,27 @@ pub async fn serve<C: Io>(
         .keep_alive_timeout(std::time::Duration::from_secs(
             limits.keep_alive_interval_secs.max(1),
         ));
-    let builder = match version {
-        Version::Http1 => builder.http1_only(),
-        Version::Http2 => builder.http2_only(),
+    let serving = builder.serve_connection(TokioIo::new(client), service);
+    // The gateway may speak only HTTP/1.1 (an h2c client of such a gateway): its
+    // connections are closed when unused, as an HTTP/1.1 client's are.
+    let Some(idle) = conn.parts.upstream_idle else {
+        return Ok(serving.await?);
     };
-    let serving = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
-    let served = match idle_conn.parts.upstream_idle {
-        None => serving.await,
-        Some(idle) => {
-            tokio::pin!(serving);
-            let mut check = tokio::time::interval((idle / 4).max(MIN_IDLE_CHECK));
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    r = &mut serving => break r,
-                    _ = check.tick() => {
-                        if idle_gateway.release_if_idle(idle) {
-                            tracing::debug!(
-                                client = %idle_conn.connection.client,
-                                "closed an idle gateway connection; the next request opens another"
-                            );
-                        }
-                    }
+    tokio::pin!(serving);
+    let mut check = tokio::time::interval((idle / 4).max(MIN_IDLE_CHECK));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = &mut serving => return Ok(r?),
+            _ = check.tick() => {
+                if gateway.release_if_idle(idle) {
+                    tracing::debug!(
+                        client = %conn.connection.client,
+                        "closed an idle gateway connection; the next request opens another"
+                    );
                 }
             }
         }
-    };
-    match served {
-        Ok(()) => Ok(()),
-        Err(e) => match e.downcast::<hyper::Error>() {
-            // A client that hangs up between or in the middle of its own requests ends the
-            // connection; every exchange it completed is already recorded.
-            Ok(e) if e.is_incomplete_message() || e.is_canceled() => Ok(()),
-            Ok(e) => Err(explain_serve(*e)),
-            Err(e) => Err(HttpError::Connection(e.to_string())),
-        },
     }
 }
 
@@ -347,6 +352,8 @@ async fn handle(
         .broker
         .apply(&conn.connection.original_dst, &mut parts.headers);
     let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    // Set when an HTTP/1.1 connection is served in rounds (`park.rs`): a switch is joined there.
+    let switch = parts.extensions.remove::<park::Switch>();
     let is_connect = parts.method == Method::CONNECT;
 
     let limit = parse_limit(conn.capture_limit());
@@ -560,11 +567,11 @@ async fn handle(
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         || (is_connect && resp.status().is_success());
     if switched && let Some(client_upgrade) = client_upgrade {
-        bridge_upgrade(
-            client_upgrade,
-            hyper::upgrade::on(&mut resp),
-            conn.id.clone(),
-        );
+        let upstream = hyper::upgrade::on(&mut resp);
+        match switch {
+            Some(switch) => switch.set(upstream),
+            None => bridge_upgrade(client_upgrade, upstream, conn.id.clone()),
+        }
     }
     let (rparts, rbody) = resp.into_parts();
     let resp_codings = body::encodings(&rparts.headers);

@@ -36,6 +36,9 @@ pub struct ConnParts {
     /// A client's HTTP/1.1 gateway connection is closed after this long unused (None: kept
     /// for as long as the client's).
     pub upstream_idle: Option<std::time::Duration>,
+    /// How long a client may take to send a request's head (`HEADER_READ_TIMEOUT`; shorter
+    /// in tests).
+    pub header_timeout: std::time::Duration,
 }
 
 /// A request's token record and its raw value, kept in memory for this exchange only so that

@@ -4,6 +4,7 @@
 //! folder. Every path of the plan is driven here: forward, refuse, hold, unparsed, each
 //! content coding, batches, and the ways a hostile client tries to get past the rules.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -261,6 +262,8 @@ struct Harness {
     h2c: Arc<crate::proxy::http::h2c::H2cProbe>,
     /// The connections' `upstream_idle`.
     upstream_idle: Option<Duration>,
+    /// The connections' `header_timeout`.
+    header_timeout: Duration,
     _writer: std::thread::JoinHandle<()>,
 }
 
@@ -293,6 +296,7 @@ impl Harness {
             tls: None,
             h2c: Arc::default(),
             upstream_idle: None,
+            header_timeout: super::HEADER_READ_TIMEOUT,
             _writer: writer,
         }
     }
@@ -313,6 +317,7 @@ impl Harness {
                 policy: self.live.clone(),
                 approvals: self.approvals.clone(),
                 upstream_idle: self.upstream_idle,
+                header_timeout: self.header_timeout,
             },
             Arc::new(std::sync::RwLock::new(process)),
             Connection {
@@ -1082,6 +1087,170 @@ async fn a_gateway_connection_in_the_middle_of_an_exchange_is_kept() {
         1,
         "one gateway connection throughout"
     );
+}
+
+/// Waits until `n` of the harness's client connections are parked.
+async fn parked(h: &Harness, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while h.stats.parked.load(Ordering::Relaxed) != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} parked, not {n}",
+            h.stats.parked.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_client_connection_is_parked_and_served_again_on_the_same_connection() {
+    let mut h = Harness::new("", echo()).await;
+    h.upstream_idle = Some(Duration::from_millis(40));
+    let (mut client, _task) = keep_alive_client(&h).await;
+    for id in 1..=3 {
+        let resp = client.send_request(mcp_call(id, "add")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            resp.headers().get(hyper::header::CONNECTION).is_none(),
+            "keep-alive as before: {:?}",
+            resp.headers()
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains(&format!("\"id\":{id}")),
+            "{body:?}"
+        );
+        // Idle: parked, its gateway connection closed, the client's connection open.
+        parked(&h, 1).await;
+        assert_eq!(h.stub.conns.counts().1, 0, "no gateway connection held");
+        assert!(!client.is_closed());
+    }
+    // One client connection throughout; each call recorded as usual.
+    let answers = h
+        .wait_mcp("three answers", |r| {
+            r.iter()
+                .filter(|e| e.direction == Direction::ServerToClient)
+                .count()
+                == 3
+        })
+        .await;
+    assert_eq!(answers.len(), 6, "{answers:?}");
+    // A client that closes while parked ends its connection.
+    drop(client);
+    parked(&h, 0).await;
+}
+
+#[tokio::test]
+async fn an_answer_that_takes_many_idle_periods_is_not_cut_and_keeps_its_connection() {
+    let mut h = Harness::new("", echo()).await;
+    h.upstream_idle = Some(Duration::from_millis(30));
+    let (mut client, _task) = keep_alive_client(&h).await;
+    // The gateway takes 400 ms to answer `slow`: more than ten idle periods with the
+    // request out and no answer's head yet.
+    let resp = client.send_request(mcp_call(1, "slow")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers().get(hyper::header::CONNECTION).is_none(),
+        "not told to close: {:?}",
+        resp.headers()
+    );
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(h.stats.parked.load(Ordering::Relaxed), 0, "not while busy");
+    let resp = client.send_request(mcp_call(2, "add")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// A raw HTTP/1.1 call of `tools/call` with `id`.
+fn raw_call(id: u64) -> String {
+    let body = call(id, "add", json!({})).to_string();
+    format!(
+        "POST /mcp HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Reads until the answer to `id` is in, failing on a close or after 5 s.
+async fn read_answer(r: &mut tokio::io::ReadHalf<tokio::io::DuplexStream>, id: u64) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let want = format!("\"id\":{id}");
+    while !String::from_utf8_lossy(&answer).contains(&want) {
+        let n = tokio::time::timeout(Duration::from_secs(5), r.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_request_head_that_spans_a_park_is_read_whole_and_a_trickled_one_times_out() {
+    let mut h = Harness::new("", echo()).await;
+    h.upstream_idle = Some(Duration::from_millis(20));
+    let (client, task) = h.open(Process::default());
+    let (mut r, mut w) = tokio::io::split(client);
+    w.write_all(raw_call(1).as_bytes()).await.unwrap();
+    read_answer(&mut r, 1).await;
+    parked(&h, 1).await;
+    let parks = || h.stats.parks.load(Ordering::Relaxed);
+    let kept_alive = |answer: &str| !answer.to_ascii_lowercase().contains("connection: close");
+    // Woken by the first part of a head, the rest sent after several idle periods: the
+    // round that serves it is not parked before it has (that would end keep-alive).
+    let second = raw_call(2);
+    let (first, rest) = second.split_at(20);
+    w.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    w.write_all(rest.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut r, 2).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(kept_alive(&answer), "{answer}");
+    // The next head begun and paused as long, in a round that has served: that round is
+    // parked with the part in hand, which the next round reads first, without waiting.
+    let before = parks();
+    let third = raw_call(3);
+    let (first, rest) = third.split_at(20);
+    w.write_all(first.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        parks(),
+        before + 1,
+        "parked once, with the head's part in hand"
+    );
+    assert_eq!(h.stats.parked.load(Ordering::Relaxed), 0, "not waiting");
+    w.write_all(rest.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut r, 3).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(kept_alive(&answer), "{answer}");
+    w.write_all(raw_call(4).as_bytes()).await.unwrap();
+    read_answer(&mut r, 4).await;
+    drop((r, w));
+    task.await.unwrap();
+    // A head begun and never finished is not kept alive by parks: each would start a new
+    // round, and with it hyper's clock for the head, were a round with part of a head in
+    // hand parked again. Here that clock is 300 ms, fifteen idle periods.
+    h.header_timeout = Duration::from_millis(300);
+    let (client, task) = h.open(Process::default());
+    let (mut r, mut w) = tokio::io::split(client);
+    w.write_all(raw_call(3).as_bytes()).await.unwrap();
+    read_answer(&mut r, 3).await;
+    parked(&h, 1).await;
+    w.write_all(b"POST /mcp HT").await.unwrap();
+    let t = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut out))
+        .await
+        .expect("the connection ended by the head's timeout")
+        .unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    let served = task.await.unwrap();
+    assert!(served.result.is_err(), "{:?}", served.result);
+    drop(w);
 }
 
 #[tokio::test]

@@ -1,0 +1,298 @@
+//! An HTTP/1.1 client connection, served in rounds: while it is idle it is parked, with
+//! none of hyper's buffers.
+//!
+//! hyper keeps a connection's read buffer (8 KiB to start, more after a large call) and its
+//! header buffer (8 KiB) for as long as the connection lives, and has no setting to let them
+//! go. An agent with thousands of idle keep-alive clients held 24 KiB per connection that
+//! way. So once a connection has had no exchange under way for `--upstream-idle` (when its
+//! gateway connection is closed too), hyper is asked to end it without shutting the socket
+//! (`graceful_shutdown` on an idle connection, `poll_without_shutdown`); the socket is kept,
+//! a read of one byte waits for the client's next request, and a new round of hyper serves
+//! it, that byte and whatever hyper had read and not used first. The client sees one
+//! keep-alive connection throughout.
+//!
+//! A round ends in one of three ways: parked (the loop goes on), hyper done (the client
+//! closed, or keep-alive ended: the socket is shut as hyper would have), or a protocol
+//! switch (101, or a CONNECT the gateway agreed to: the handler left the gateway's side in a
+//! `Switch`, and the client's raw stream, read buffer first, is joined to it here, which is
+//! what hyper's own upgrade machinery would have done).
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::gateway::{Gateway, Io};
+use super::records::Conn;
+use super::respond::ProxyBody;
+use crate::proxy::detect::Rewind;
+
+/// What a round of hyper's serving returns: any error it ended with.
+type Ended = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Whether a connection's requests are under way, and since when none has been.
+struct Activity {
+    /// Requests whose answers hyper has not finished sending (or dropped).
+    in_flight: AtomicUsize,
+    /// When the last one started or ended, in microseconds since `base`.
+    last: AtomicU64,
+    /// Requests started on the connection.
+    started: AtomicU64,
+    base: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+
+    fn touch(&self) {
+        self.last.store(self.now(), Ordering::Release);
+    }
+
+    /// No request under way, and none started or ended for `idle`.
+    fn quiet_for(&self, idle: Duration) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.now().saturating_sub(self.last.load(Ordering::Acquire))
+                >= idle.as_micros() as u64
+    }
+}
+
+/// One request under way: from hyper's call of the service until the answer's body is sent
+/// or dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.started.fetch_add(1, Ordering::AcqRel);
+        activity.touch();
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An answer's body that holds its request's `InFlight` until hyper is done with it.
+pub struct Tracked {
+    body: ProxyBody,
+    _in_flight: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Where a request's handler leaves the gateway's side of a protocol switch, for the loop
+/// to join to the client's stream once hyper has sent the switch and handed the socket back.
+/// In the request's extensions, so that the handler knows its connection is served here.
+#[derive(Clone, Default)]
+pub struct Switch(Arc<std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>>);
+
+impl Switch {
+    pub fn set(&self, upstream: hyper::upgrade::OnUpgrade) {
+        *self.0.lock().expect("switch lock") = Some(upstream);
+    }
+
+    fn take(&self) -> Option<hyper::upgrade::OnUpgrade> {
+        self.0.lock().expect("switch lock").take()
+    }
+}
+
+type Answer = Pin<Box<dyn Future<Output = Result<Response<Tracked>, Infallible>> + Send>>;
+
+/// Serves an HTTP/1.1 client until it closes, parking it whenever it is idle for
+/// `conn.parts.upstream_idle` (never, when that is unset).
+pub async fn serve<C: Io>(client: C, conn: Arc<Conn>, gateway: Arc<Gateway>) -> Ended {
+    let activity = Arc::new(Activity::new());
+    let switch = Switch::default();
+    let mut service = {
+        let (conn, gateway, activity, switch) = (
+            conn.clone(),
+            gateway.clone(),
+            activity.clone(),
+            switch.clone(),
+        );
+        hyper::service::service_fn(move |mut req: Request<Incoming>| -> Answer {
+            req.extensions_mut().insert(switch.clone());
+            let in_flight = InFlight::start(&activity);
+            let answer = super::exchange(&conn, &gateway, req, None);
+            Box::pin(async move {
+                Ok(answer.await.map(|body| Tracked {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            })
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .preserve_header_case(true)
+        // A client that never finishes its request head holds a task and a gateway
+        // connection: it gets this long (hyper's own default, which needs a timer). hyper
+        // counts it from when it starts waiting for a head, so an idle connection is parked
+        // (and waits with no timer) well before it would run out.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(conn.parts.header_timeout)
+        .max_buf_size(super::CLIENT_READ_BUF);
+    let idle = conn.parts.upstream_idle;
+    let mut io = Rewind::new(Vec::new(), client);
+    loop {
+        let started = activity.started.load(Ordering::Acquire);
+        // Boxed: while parked, the connection's task holds none of hyper's state.
+        let mut round = Box::new(builder.serve_connection(TokioIo::new(io), service));
+        let parking = match idle {
+            None => {
+                std::future::poll_fn(|cx| round.poll_without_shutdown(cx)).await?;
+                false
+            }
+            Some(idle) => {
+                let mut check = tokio::time::interval((idle / 4).max(super::MIN_IDLE_CHECK));
+                check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut parking = false;
+                loop {
+                    tokio::select! {
+                        r = std::future::poll_fn(|cx| round.poll_without_shutdown(cx)) => {
+                            r?;
+                            break parking;
+                        }
+                        _ = check.tick(), if !parking => {
+                            if gateway.release_if_idle(idle) {
+                                tracing::debug!(
+                                    client = %conn.connection.client,
+                                    "closed an idle gateway connection; the next request opens another"
+                                );
+                            }
+                            // Checked on this task, between two polls of hyper's. Only once
+                            // an exchange has ended in this round: hyper then waits for the
+                            // next head, and ends the round at once, keeping any bytes of a
+                            // head it has begun to read. A round that has served nothing yet
+                            // (one that began with a client's first bytes after a park) would
+                            // instead finish its first request with `Connection: close`; it
+                            // runs until that request is done, or hyper's timeout for its
+                            // head ends the connection, a clock no park restarts.
+                            let served = activity.started.load(Ordering::Acquire) != started;
+                            if served && gateway.is_idle(idle) && activity.quiet_for(idle) {
+                                Pin::new(&mut *round).graceful_shutdown();
+                                parking = true;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let parts = (*round).into_parts();
+        io = parts.io.into_inner();
+        service = parts.service;
+        // What hyper read and did not use, copied: the `Bytes` it comes in holds hyper's
+        // whole read buffer (16 KiB, measured), which must not outlive the round.
+        let read_buf = parts.read_buf;
+        io.unread(&read_buf);
+        drop(read_buf);
+        if let Some(upstream) = switch.take() {
+            return join(io, upstream, &conn.id).await;
+        }
+        if !parking {
+            // The client closed or keep-alive ended: shut the socket as hyper would have.
+            if let Err(e) = io.shutdown().await {
+                tracing::debug!(conn = %conn.id, error = %e, "shutting a client connection failed");
+            }
+            return Ok(());
+        }
+        conn.parts.stats.parks.fetch_add(1, Ordering::Relaxed);
+        // With part of a head in hand, the next round starts at once.
+        if !io.has_unread() {
+            if !wait_for_bytes(&mut io, &conn).await? {
+                return Ok(());
+            }
+            activity.touch();
+        }
+    }
+}
+
+/// Parked: waits, holding no buffer, until the client sends again (true) or closes (false).
+async fn wait_for_bytes<C: Io>(io: &mut Rewind<C>, conn: &Conn) -> Result<bool, std::io::Error> {
+    let _parked = Parked::count(&conn.parts.stats.parked);
+    tracing::debug!(client = %conn.connection.client, "parked an idle client connection");
+    let mut first = [0u8; 1];
+    match io.read(&mut first).await? {
+        0 => Ok(false),
+        _ => {
+            io.unread(&first);
+            Ok(true)
+        }
+    }
+}
+
+/// Counts a parked connection for as long as it waits (also when its task is dropped, as
+/// at the agent's stop).
+struct Parked<'a>(&'a AtomicU64);
+
+impl<'a> Parked<'a> {
+    fn count(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Parked(gauge)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// After a protocol switch, the client's raw stream (what hyper had read of it first) and
+/// the gateway's, relayed as they are.
+async fn join<C: Io>(client: Rewind<C>, upstream: hyper::upgrade::OnUpgrade, conn: &str) -> Ended {
+    match upstream.await {
+        Ok(upstream) => {
+            let mut client = client;
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(%conn, error = %e, "upgraded stream ended with an error");
+            }
+        }
+        Err(e) => tracing::warn!(%conn, error = %e, "protocol upgrade failed"),
+    }
+    Ok(())
+}
