@@ -30,9 +30,11 @@ pub fn netns_cookie(sock: &impl AsFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// Hands the heap's free pages back to the kernel. glibc's malloc keeps what a burst of
-/// traffic freed in its per-thread arenas (measured: 217 MiB resident, idle, after the
-/// benchmark's overload runs, against 23 MiB before them); the agent calls this periodically.
+/// Hands glibc's free heap pages back to the kernel. The agent's Rust allocations go to
+/// jemalloc (main.rs), which returns its own; RocksDB's C++ allocates through glibc, whose
+/// malloc keeps what a burst freed in its per-thread arenas (measured when all of the agent
+/// used it: 217 MiB resident, idle, after the benchmark's overload runs, against 23 MiB
+/// before them). The agent calls this periodically.
 pub fn release_free_heap() {
     // SAFETY: malloc_trim takes no pointers; it walks the allocator's own state under the
     // allocator's locks, so any thread may call it at any time.
