@@ -169,8 +169,8 @@ pub struct RunArgs {
     /// Seconds an HTTP/1.1 gateway connection may sit unused before it is closed while its
     /// client's connection stays open (checked every quarter of it, so it goes between ¾ and
     /// 1¼ of this after its last answer); the client's next request opens another. The
-    /// client's connection, idle as long, is parked: kept open with none of the proxy's HTTP
-    /// buffers until it sends again (0: neither; gateway connections are kept for as long as
+    /// client's connection, idle as long (at most 20 s), is parked: kept open with none of
+    /// the proxy's HTTP buffers, and no gateway connection, until it sends again (0: neither; gateway connections are kept for as long as
     /// the clients'). An idle keep-alive client then costs the agent less memory, and the
     /// gateway no connection.
     #[arg(long, value_name = "SECS", default_value_t = 15)]

@@ -22,7 +22,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 
 use super::gateway::{Gateway, Io};
 use super::records::Conn;
@@ -154,6 +154,8 @@ pub async fn serve<C: Io>(client: C, conn: Arc<Conn>, gateway: Arc<Gateway>) -> 
             switch.clone(),
         );
         hyper::service::service_fn(move |mut req: Request<Incoming>| -> Answer {
+            // A switch left by a request that then failed is not this request's.
+            drop(switch.take());
             req.extensions_mut().insert(switch.clone());
             let in_flight = InFlight::start(&activity);
             let answer = super::exchange(&conn, &gateway, req, None);
@@ -176,23 +178,39 @@ pub async fn serve<C: Io>(client: C, conn: Arc<Conn>, gateway: Arc<Gateway>) -> 
         .header_read_timeout(conn.parts.header_timeout)
         .max_buf_size(super::CLIENT_READ_BUF);
     let idle = conn.parts.upstream_idle;
-    let mut io = Rewind::new(Vec::new(), client);
+    let mut io = Watched::new(Rewind::new(Vec::new(), client));
+    let waiting = io.waiting.clone();
     loop {
         let started = activity.started.load(Ordering::Acquire);
         // Boxed: while parked, the connection's task holds none of hyper's state.
         let mut round = Box::new(builder.serve_connection(TokioIo::new(io), service));
+        // hyper can report a round done with the end of an answer still in its write buffer:
+        // an answer sent before the request's body had all arrived is followed by the body's
+        // end, flushed or not, and hyper flushes only on the way to shutting the socket,
+        // which a round skips. So the round is over when the last write did not wait too
+        // (hyper tries to flush on every poll; a write that waits has the task woken when
+        // the socket drains).
+        macro_rules! finished {
+            () => {
+                std::future::poll_fn(|cx| match round.poll_without_shutdown(cx) {
+                    Poll::Ready(Ok(())) if waiting.load(Ordering::Acquire) => Poll::Pending,
+                    done => done,
+                })
+            };
+        }
         let parking = match idle {
             None => {
-                std::future::poll_fn(|cx| round.poll_without_shutdown(cx)).await?;
+                finished!().await?;
                 false
             }
             Some(idle) => {
-                let mut check = tokio::time::interval((idle / 4).max(super::MIN_IDLE_CHECK));
+                let park_after = idle.min(MAX_PARK_AFTER);
+                let mut check = tokio::time::interval((park_after / 4).max(super::MIN_IDLE_CHECK));
                 check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut parking = false;
                 loop {
                     tokio::select! {
-                        r = std::future::poll_fn(|cx| round.poll_without_shutdown(cx)) => {
+                        r = finished!() => {
                             r?;
                             break parking;
                         }
@@ -210,9 +228,15 @@ pub async fn serve<C: Io>(client: C, conn: Arc<Conn>, gateway: Arc<Gateway>) -> 
                             // (one that began with a client's first bytes after a park) would
                             // instead finish its first request with `Connection: close`; it
                             // runs until that request is done, or hyper's timeout for its
-                            // head ends the connection, a clock no park restarts.
+                            // head ends the connection, a clock no park restarts. Not while
+                            // a write waits: hyper may be closing the connection (the client
+                            // asked it to) behind an answer the client is slow to read.
                             let served = activity.started.load(Ordering::Acquire) != started;
-                            if served && gateway.is_idle(idle) && activity.quiet_for(idle) {
+                            if served
+                                && !waiting.load(Ordering::Acquire)
+                                && gateway.is_idle(park_after)
+                                && activity.quiet_for(park_after)
+                            {
                                 Pin::new(&mut *round).graceful_shutdown();
                                 parking = true;
                             }
@@ -227,10 +251,15 @@ pub async fn serve<C: Io>(client: C, conn: Arc<Conn>, gateway: Arc<Gateway>) -> 
         // What hyper read and did not use, copied: the `Bytes` it comes in holds hyper's
         // whole read buffer (16 KiB, measured), which must not outlive the round.
         let read_buf = parts.read_buf;
-        io.unread(&read_buf);
+        io.inner.unread(&read_buf);
         drop(read_buf);
-        if let Some(upstream) = switch.take() {
-            return join(io, upstream, &conn.id).await;
+        match switch.take() {
+            // A switch ends a round by itself, never by a park.
+            Some(upstream) if !parking => return join(io.inner, upstream, &conn.id).await,
+            Some(_) => {
+                tracing::warn!(conn = %conn.id, "a protocol switch left behind by a failed request was dropped")
+            }
+            None => {}
         }
         if !parking {
             // The client closed or keep-alive ended: shut the socket as hyper would have.
@@ -240,13 +269,85 @@ pub async fn serve<C: Io>(client: C, conn: Arc<Conn>, gateway: Arc<Gateway>) -> 
             return Ok(());
         }
         conn.parts.stats.parks.fetch_add(1, Ordering::Relaxed);
+        // A parked connection holds no gateway connection either (with `--upstream-idle`
+        // past `MAX_PARK_AFTER`, it goes now rather than at that time).
+        gateway.release_if_idle(Duration::ZERO);
         // With part of a head in hand, the next round starts at once.
-        if !io.has_unread() {
-            if !wait_for_bytes(&mut io, &conn).await? {
+        if !io.inner.has_unread() {
+            if !wait_for_bytes(&mut io.inner, &conn).await? {
                 return Ok(());
             }
             activity.touch();
         }
+    }
+}
+
+/// The longest a client connection waits idle before it is parked, whatever
+/// `--upstream-idle` says: hyper's timeout for a request head (30 s) runs while it waits for
+/// the next one, so a connection left longer would be closed instead (checked every quarter
+/// of this: parked at most 25 s after its last exchange).
+const MAX_PARK_AFTER: Duration = Duration::from_secs(20);
+
+/// The client's stream, noting whether its last write waited (the client not reading).
+struct Watched<S> {
+    inner: S,
+    waiting: Arc<AtomicBool>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S) -> Self {
+        Watched {
+            inner,
+            waiting: Arc::default(),
+        }
+    }
+
+    fn note<T>(&self, r: Poll<T>) -> Poll<T> {
+        self.waiting.store(r.is_pending(), Ordering::Release);
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.note(r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -255,12 +356,24 @@ async fn wait_for_bytes<C: Io>(io: &mut Rewind<C>, conn: &Conn) -> Result<bool, 
     let _parked = Parked::count(&conn.parts.stats.parked);
     tracing::debug!(client = %conn.connection.client, "parked an idle client connection");
     let mut first = [0u8; 1];
-    match io.read(&mut first).await? {
-        0 => Ok(false),
-        _ => {
+    match io.read(&mut first).await {
+        Ok(0) => Ok(false),
+        Ok(_) => {
             io.unread(&first);
             Ok(true)
         }
+        // A client that resets an idle connection has closed it, as hyper counts it.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -1254,6 +1254,72 @@ async fn a_request_head_that_spans_a_park_is_read_whole_and_a_trickled_one_times
 }
 
 #[tokio::test]
+async fn a_slow_reader_gets_the_whole_answer_before_its_connection_is_closed_or_parked() {
+    // 80 KiB: more than the pipe to the client holds (64 KiB), less than that and hyper's
+    // buffer (32 KiB): hyper holds the answer's end while the client does not read, over
+    // many idle checks. (hyper itself moves a connection on only once that end is flushed;
+    // `park.rs` also waits for it, for the answers hyper moves on from unflushed.)
+    let big = "y".repeat(80 << 10);
+    let answer: Answer = Arc::new(move |_: &Seen| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": big}]}});
+        Response::builder()
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    });
+    let mut h = Harness::new("", answer).await;
+    h.upstream_idle = Some(Duration::from_millis(20));
+    for close in [true, false] {
+        let (client, task) = h.open(Process::default());
+        let (mut r, mut w) = tokio::io::split(client);
+        let request = raw_call(1);
+        let request = if close {
+            request.replacen("Host: gw\r\n", "Host: gw\r\nConnection: close\r\n", 1)
+        } else {
+            request
+        };
+        w.write_all(request.as_bytes()).await.unwrap();
+        // Not read for many idle periods.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), r.read(&mut buf))
+                .await
+                .expect("the rest of the answer")
+                .unwrap();
+            out.extend_from_slice(&buf[..n]);
+            if n == 0 || (!close && out.ends_with(b"}}")) {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&out);
+        let body = &text[text.find("\r\n\r\n").expect("a head") + 4..];
+        let answer: Value = serde_json::from_str(body).expect("the whole answer");
+        assert_eq!(
+            answer["result"]["content"][0]["text"]
+                .as_str()
+                .unwrap()
+                .len(),
+            80 << 10,
+            "close: {close}"
+        );
+        if close {
+            task.await.unwrap();
+        } else {
+            // Kept alive: the next call is answered on it.
+            w.write_all(raw_call(2).as_bytes()).await.unwrap();
+            let mut more = vec![0u8; 1 << 16];
+            let n = tokio::time::timeout(Duration::from_secs(5), r.read(&mut more))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(String::from_utf8_lossy(&more[..n]).starts_with("HTTP/1.1 200"));
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_reconnect_waits_no_longer_than_the_connect_timeout() {
     let never: Connect = Arc::new(|| Box::pin(std::future::pending()));
     let connect = super::gateway::timed(never, Duration::from_millis(50));
