@@ -359,9 +359,9 @@ fn new_connections(
     })
 }
 
-async fn one_call(sender: &mut Sender, id: u64, size: usize, sse: bool) -> Duration {
-    let t = Instant::now();
-    let req = Request::post("/mcp")
+/// An HTTP/1.1 `tools/call` of `payload` (or `slow`, answered as SSE) with `id`.
+fn call_request(id: u64, size: usize, sse: bool) -> Request<Full<Bytes>> {
+    Request::post("/mcp")
         .header("host", "127.0.0.1")
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
@@ -369,7 +369,12 @@ async fn one_call(sender: &mut Sender, id: u64, size: usize, sse: bool) -> Durat
         .header("mcp-method", "tools/call")
         .header("mcp-name", if sse { "slow" } else { "payload" })
         .body(Full::new(call_body(id, size, sse)))
-        .unwrap();
+        .unwrap()
+}
+
+async fn one_call(sender: &mut Sender, id: u64, size: usize, sse: bool) -> Duration {
+    let t = Instant::now();
+    let req = call_request(id, size, sse);
     sender.ready().await.expect("the connection to stay open");
     let resp = sender.send_request(req).await.unwrap();
     assert!(
@@ -1033,15 +1038,7 @@ fn hold(addr: SocketAddr, n: u64) {
 
 /// One small call that may fail (the connection closed): whether it was answered.
 async fn try_call(sender: &mut Sender, id: u64) -> bool {
-    let req = Request::post("/mcp")
-        .header("host", "127.0.0.1")
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "tools/call")
-        .header("mcp-name", "payload")
-        .body(Full::new(call_body(id, 128, false)))
-        .unwrap();
+    let req = call_request(id, 128, false);
     if sender.ready().await.is_err() {
         return false;
     }
