@@ -1056,19 +1056,23 @@ async fn an_unused_gateway_connection_is_closed_and_the_next_request_opens_anoth
     );
 }
 
+/// A gateway that answers every call with a result of one text item, `text`.
+fn text_answer(text: String) -> Answer {
+    Arc::new(move |_: &Seen| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": text}]}});
+        Response::builder()
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    })
+}
+
 #[tokio::test]
 async fn a_gateway_connection_in_the_middle_of_an_exchange_is_kept() {
     // An 8 MiB answer: several times what the pipes and buffers between the gateway and a
     // client that does not read it yet hold (about 1 MiB), so the gateway connection is
     // still mid-answer while the client waits.
-    let big = "x".repeat(8 << 20);
-    let answer: Answer = Arc::new(move |_: &Seen| {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": big}]}});
-        Response::builder()
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap()
-    });
+    let answer = text_answer("x".repeat(8 << 20));
     let mut h = Harness::new("", answer).await;
     h.upstream_idle = Some(Duration::from_millis(30));
     let (mut client, _task) = keep_alive_client(&h).await;
@@ -1259,14 +1263,7 @@ async fn a_slow_reader_gets_the_whole_answer_before_its_connection_is_closed_or_
     // buffer (32 KiB): hyper holds the answer's end while the client does not read, over
     // many idle checks. (hyper itself moves a connection on only once that end is flushed;
     // `park.rs` also waits for it, for the answers hyper moves on from unflushed.)
-    let big = "y".repeat(80 << 10);
-    let answer: Answer = Arc::new(move |_: &Seen| {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": big}]}});
-        Response::builder()
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap()
-    });
+    let answer = text_answer("y".repeat(80 << 10));
     let mut h = Harness::new("", answer).await;
     h.upstream_idle = Some(Duration::from_millis(20));
     for close in [true, false] {
